@@ -44,6 +44,85 @@ def user_errors(fn):
 
 
 # ---- section: foundation (teacher, inspect) ----------------------------------------------------
+@app.command()
+@user_errors
+def teacher(
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, tokenizer and the final save_pretrained model.")],
+    preset: Annotated[str, typer.Option(help="Model preset from moe/presets.py: mixtral, qwen3_moe or quick.")] = "mixtral",
+    data: Annotated[Optional[str], typer.Option(help="Corpus: 'stdlib' (this Python's standard library, the default), a file, folder, .jsonl or a datasets name.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default 1400; 60 with --quick).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Blocks per step (default 16).")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Tokens per block (default 128).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default 2e-3).")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="BPE vocabulary size when training a tokenizer (default 4096).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Use this tokenizer (path or hub id) instead of training a BPE.")] = None,
+    max_chars: Annotated[Optional[int], typer.Option(help="Cap on corpus characters read.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between held-out evaluations and checkpoints.")] = None,
+    joint_understudy: Annotated[Optional[str], typer.Option(help="Also train understudies of this arch (dense, lowrank, ...) jointly, on a detached loss.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    quick: Annotated[bool, typer.Option("--quick", help="Seconds-long run on a tiny preset (for tests and smoke checks).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="Read options from a teacher.yaml (flags given here override it).")] = None,
+) -> None:
+    """Train a small MoE teacher from scratch on the default corpus (about 8 minutes on 2 cores)."""
+    from moe_understudy.config import TeacherConfig
+    from moe_understudy.teacher import train_teacher
+
+    base = TeacherConfig.from_yaml(config) if config else (quick_teacher_config() if quick else TeacherConfig())
+    data_cfg = base.data.replace(
+        **_given(source=data, block_size=block_size, vocab_size=vocab_size, tokenizer=tokenizer, max_chars=max_chars),
+    )
+    cfg = base.replace(
+        data=data_cfg,
+        preset="quick" if quick and preset == "mixtral" else preset,
+        seed=seed,
+        **_given(steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, joint_understudy=joint_understudy),
+    )
+    result = train_teacher(cfg, out, resume=resume, console=console)
+    console.print(
+        f"[bold green]teacher saved to {result.out_dir}[/]: held-out perplexity {result.val_perplexity:.2f}, "
+        f"{result.tokens_per_second:,.0f} tokens/s, {result.train_seconds / 60:.1f} min, "
+        f"max/mean expert load per layer-batch {', '.join(f'{r:.2f}' for r in result.max_over_mean_per_batch)}"
+    )
+
+
+def quick_teacher_config():
+    from moe_understudy.config import DataConfig, TeacherConfig
+
+    return TeacherConfig(
+        preset="quick",
+        data=DataConfig(max_chars=400_000, vocab_size=512, block_size=64),
+        steps=60,
+        batch_size=8,
+        lr=3e-3,
+        warmup=10,
+        eval_every=20,
+        eval_batches=2,
+    )
+
+
+def _given(**options):
+    """The options the user actually passed (None means: keep the config's value)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command()
+@user_errors
+def inspect(
+    model: Annotated[str, typer.Argument(help="Model folder (from `understudy teacher`) or a transformers MoE checkpoint.")],
+    data: Annotated[str, typer.Option(help="Text to route: 'stdlib' validation split, a file, folder, .jsonl or datasets name.")] = "stdlib",
+    blocks: Annotated[int, typer.Option(help="Number of blocks of text to route.")] = 64,
+    block_size: Annotated[int, typer.Option(help="Tokens per block.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Blocks per forward (the 'layer-batch' of the max/mean figure).")] = 8,
+    heatmap: Annotated[Optional[Path], typer.Option(help="Save a layer x expert load heatmap PNG here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Save the figures as JSON here.")] = None,
+) -> None:
+    """Print per-layer expert load (tokens per expert, max/mean, entropy) of MODEL on some text."""
+    from moe_understudy.inspect_routing import inspect_model
+
+    inspect_model(model, data, blocks, block_size, batch_size, heatmap, json_out, console)
+
+
 # ---- end section: foundation -------------------------------------------------------------------
 
 # ---- section: understudies (capture, distill) --------------------------------------------------

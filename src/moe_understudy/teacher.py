@@ -1,0 +1,282 @@
+"""Train a small MoE teacher from scratch (`understudy teacher`), with checkpoints and resume.
+
+Run folder layout (`out_dir`):
+  teacher.yaml           the TeacherConfig of the run
+  tokenizer files        BPE trained on the corpus (or the tokenizer given), transformers format
+  blocks.pt              packed train/val token blocks, so a resumed run sees identical data
+  checkpoint/            last periodic checkpoint: model.safetensors + state.pt (optimiser, step, RNG)
+  config.json, model.safetensors   the final `save_pretrained` model (written at the end)
+  metrics.json           held-out perplexity, tokens/s, expert-load imbalance, timings
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moe_understudy.config import TeacherConfig
+from moe_understudy.data import get_tokenizer, load_corpus, pack_blocks
+from moe_understudy.errors import UserError
+from moe_understudy.inspect_routing import routing_load
+from moe_understudy.moe.presets import build_model, preset_config
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass(frozen=True)
+class TeacherResult:
+    out_dir: Path
+    val_perplexity: float
+    tokens_per_second: float
+    max_over_mean_per_batch: list[float]
+    train_seconds: float
+    steps: int
+
+
+def learning_rate(step: int, cfg: TeacherConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to 10% of it at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batch_indices(step: int, num_blocks: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Block ids of training step `step`: epoch-wise permutations, a pure function of (step, seed)."""
+    per_epoch = max(1, num_blocks // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[offset * batch_size : (offset + 1) * batch_size]
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> float:
+    """exp(mean next-token cross-entropy) of `model` over `blocks` (N, S)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start : start + batch_size].to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / max(1, count))
+
+
+def _prepare_data(cfg: TeacherConfig, out_dir: Path, console: Console):
+    """Tokenizer and packed blocks, reused from `out_dir` when a previous run made them."""
+    cache = out_dir / "blocks.pt"
+    if cache.exists() and (out_dir / "tokenizer.json").exists():
+        from moe_understudy.data import load_tokenizer
+
+        saved = torch.load(cache)
+        return load_tokenizer(out_dir), saved["train"], saved["val"]
+    with console.status("reading corpus"):
+        corpus = load_corpus(cfg.data)
+    with console.status(f"training BPE tokenizer (vocab {cfg.data.vocab_size})" if not cfg.data.tokenizer else "loading tokenizer"):
+        tokenizer = get_tokenizer(cfg.data, corpus.train, out_dir)
+    with console.status("tokenising and packing"):
+        train = pack_blocks(corpus.train, tokenizer, cfg.data.block_size)
+        val = pack_blocks(corpus.val, tokenizer, cfg.data.block_size, max_blocks=cfg.eval_batches * cfg.batch_size)
+    _atomic_torch_save({"train": train, "val": val}, cache)
+    console.print(
+        f"corpus [bold]{corpus.name}[/]: {len(corpus.train)} train / {len(corpus.val)} val documents, "
+        f"{train.numel():,} train tokens, {val.numel():,} val tokens"
+    )
+    return tokenizer, train, val
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict, out_dir: Path) -> None:
+    """Write checkpoint/ atomically: a crash mid-write leaves the previous checkpoint intact."""
+    final = out_dir / CHECKPOINT_DIR
+    tmp = out_dir / (CHECKPOINT_DIR + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    # Tied embeddings share storage; safetensors refuses shared tensors, so the clone above splits them.
+    save_file(state, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
+    old = out_dir / (CHECKPOINT_DIR + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+
+
+def _load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path) -> tuple[int, dict]:
+    ckpt = out_dir / CHECKPOINT_DIR
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"]), state
+
+
+def _check_resume_config(cfg: TeacherConfig, out_dir: Path) -> None:
+    saved = TeacherConfig.from_yaml(out_dir / "teacher.yaml")
+    if saved.replace(steps=cfg.steps, eval_every=cfg.eval_every) != cfg:
+        raise UserError(
+            f"{out_dir} holds a run with a different configuration; resume with the same options "
+            f"(see {out_dir / 'teacher.yaml'}) or choose a new --out."
+        )
+
+
+def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False, console: Console | None = None) -> TeacherResult:
+    """Train the teacher described by `cfg` into `out_dir`; with `resume`, continue from its checkpoint."""
+    console = console or Console(stderr=True)
+    out_dir = Path(out_dir)
+    has_ckpt = (out_dir / CHECKPOINT_DIR / "state.pt").exists()
+    if resume and has_ckpt:
+        _check_resume_config(cfg, out_dir)
+    elif (out_dir / "config.json").exists() or has_ckpt:
+        if not resume:
+            raise UserError(f"{out_dir} already holds a teacher; pass --resume to continue it or choose a new --out.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(out_dir / "teacher.yaml")
+    torch.manual_seed(cfg.seed)
+
+    tokenizer, train_blocks, val_blocks = _prepare_data(cfg, out_dir, console)
+    config = preset_config(cfg.preset, vocab_size=len(tokenizer), max_positions=cfg.data.block_size)
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    model = build_model(config, seed=cfg.seed).train()
+    joint = _joint_understudies(model, cfg)
+    params = list(model.parameters()) + ([] if joint is None else list(joint.parameters()))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+    start, elapsed = 0, 0.0
+    if resume and has_ckpt:
+        start, state = _load_checkpoint(model, optimizer, out_dir)
+        elapsed = float(state.get("elapsed", 0.0))
+        if joint is not None and "joint" in state:
+            joint.load_state_dict(state["joint"])
+        console.print(f"resuming from step {start} ({out_dir / CHECKPOINT_DIR})")
+
+    tokens_per_step = cfg.batch_size * cfg.data.block_size
+    val_ppl = float("nan")
+    progress = Progress(
+        TextColumn("[bold]teacher[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  val ppl {task.fields[ppl]:.1f}  {task.fields[tps]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), ppl=val_ppl, tps=0.0)
+        t0 = time.perf_counter()
+        for step in range(start, cfg.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            ids = train_blocks[batch_indices(step, len(train_blocks), cfg.batch_size, cfg.seed)]
+            out = model(input_ids=ids, labels=ids)
+            loss = out.loss
+            if joint is not None:
+                loss = loss + cfg.joint_weight * joint.loss()
+            if not torch.isfinite(loss):
+                raise UserError(
+                    f"Training loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr}) and rerun with "
+                    f"--resume to continue from the last checkpoint in {out_dir / CHECKPOINT_DIR}."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            done = step + 1
+            run_time = elapsed + time.perf_counter() - t0
+            tps = (done - start) * tokens_per_step / max(1e-9, time.perf_counter() - t0)
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                val_ppl = perplexity(model, val_blocks, cfg.batch_size)
+                extra = {"elapsed": run_time, "val_ppl": val_ppl}
+                if joint is not None:
+                    extra["joint"] = joint.state_dict()
+                _save_checkpoint(model, optimizer, done, extra, out_dir)
+            progress.update(task, completed=done, loss=out.loss.item(), ppl=val_ppl, tps=tps)
+    train_seconds = elapsed + time.perf_counter() - t0
+
+    model.eval()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if joint is not None:
+        joint.save(out_dir / "understudies")
+    with console.status("measuring expert load on held-out text"):
+        load = routing_load(model, val_blocks, batch_size=8)
+    trained_tokens = (cfg.steps - start) * tokens_per_step
+    result = TeacherResult(
+        out_dir=out_dir,
+        val_perplexity=perplexity(model, val_blocks, cfg.batch_size),
+        tokens_per_second=trained_tokens / max(1e-9, train_seconds - elapsed),
+        max_over_mean_per_batch=[round(v, 3) for v in load.mean_batch_ratio().tolist()],
+        train_seconds=train_seconds,
+        steps=cfg.steps,
+    )
+    metrics = {
+        "val_perplexity": round(result.val_perplexity, 3),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "train_seconds": round(train_seconds, 1),
+        "train_tokens": cfg.steps * tokens_per_step,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "expert_load": load.to_dict(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return result
+
+
+def _joint_understudies(model: nn.Module, cfg: TeacherConfig):
+    """Understudies trained alongside the teacher on a detached auxiliary loss, when asked for."""
+    if cfg.joint_understudy is None:
+        return None
+    from moe_understudy.understudy.joint import JointUnderstudies
+
+    return JointUnderstudies(model, arch=cfg.joint_understudy).attach()
+
+
+def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) saved by `understudy teacher` or any transformers MoE checkpoint; clear errors otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_understudy.data import load_tokenizer
+
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").exists():
+        hint = (
+            " (a teacher run was started there: finish it with `understudy teacher --resume`)"
+            if (local / CHECKPOINT_DIR).exists()
+            else ""
+        )
+        raise UserError(f"{path} holds no config.json, so it is not a saved model{hint}.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(local if local.exists() else path), dtype=torch.float32)
+    except OSError as err:
+        raise UserError(
+            f"Model {str(path)!r} is neither a local model folder nor reachable on the hub (offline?); "
+            f"train one with `understudy teacher --out DIR` or pass a local folder."
+        ) from err
+    tokenizer = load_tokenizer(path)
+    return model.to(device).eval(), tokenizer
+

@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moe_understudy.teacher as teacher_mod
+from moe_understudy.config import DataConfig, TeacherConfig
+from moe_understudy.errors import UserError
+from moe_understudy.moe.adapters import find_moe_layers
+from moe_understudy.teacher import batch_indices, learning_rate, load_model_and_tokenizer, train_teacher
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    """A small corpus of real Python source, so the tests need no download and stay fast."""
+    import sysconfig
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["json/decoder.py", "json/encoder.py", "textwrap.py", "bisect.py", "heapq.py", "colorsys.py"]:
+        (root / name.replace("/", "_")).write_text((stdlib / name).read_text())
+    return root
+
+
+def quick_cfg(corpus_dir, steps=24) -> TeacherConfig:
+    return TeacherConfig(
+        preset="quick",
+        data=DataConfig(source=str(corpus_dir), vocab_size=300, block_size=32, val_fraction=0.2),
+        steps=steps,
+        batch_size=4,
+        warmup=4,
+        eval_every=8,
+        eval_batches=2,
+    )
+
+
+def test_quick_teacher_trains_and_reopens_with_from_pretrained(tmp_path, corpus_dir):
+    out = tmp_path / "t"
+    result = train_teacher(quick_cfg(corpus_dir), out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(find_moe_layers(model)) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_perplexity"] == pytest.approx(result.val_perplexity, rel=1e-3)
+    assert result.val_perplexity < 300  # better than uniform over the 300-token vocabulary
+    assert len(metrics["expert_load"]["max_over_mean_per_batch"]) == 2
+    reopened, tokenizer = load_model_and_tokenizer(out)
+    assert tokenizer.decode(tokenizer("def f(x): return x")["input_ids"]) == "def f(x): return x"
+
+
+def test_interrupted_run_resumes_from_last_checkpoint_to_the_same_weights(tmp_path, corpus_dir, monkeypatch):
+    cfg = quick_cfg(corpus_dir)
+    straight = tmp_path / "straight"
+    train_teacher(cfg, straight)
+
+    interrupted = tmp_path / "interrupted"
+    real_lr = teacher_mod.learning_rate
+
+    def crash_at_step_13(step, c):
+        if step == 13:
+            raise KeyboardInterrupt
+        return real_lr(step, c)
+
+    monkeypatch.setattr(teacher_mod, "learning_rate", crash_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(cfg, interrupted)
+    monkeypatch.setattr(teacher_mod, "learning_rate", real_lr)
+    state = torch.load(interrupted / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 8  # the last checkpoint before the crash
+    with pytest.raises(UserError, match="--resume"):
+        train_teacher(cfg, interrupted)
+    train_teacher(cfg, interrupted, resume=True)
+
+    a = AutoModelForCausalLM.from_pretrained(straight).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(interrupted).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_resume_with_other_options_is_refused(tmp_path, corpus_dir):
+    out = tmp_path / "t"
+    train_teacher(quick_cfg(corpus_dir, steps=8), out)
+    with pytest.raises(UserError, match="different configuration"):
+        train_teacher(quick_cfg(corpus_dir, steps=8).replace(lr=1e-2), out, resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, corpus_dir):
+    cfg = quick_cfg(corpus_dir, steps=40).replace(lr=1e6, warmup=1, grad_clip=1e9)
+    out = tmp_path / "t"
+    with pytest.raises(UserError, match="lower --lr"):
+        train_teacher(cfg, out)
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = TeacherConfig(steps=100, warmup=10, lr=1.0)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(99, cfg) < learning_rate(50, cfg) < learning_rate(10, cfg)
+    assert learning_rate(100, cfg) == pytest.approx(0.1)
+
+
+def test_batches_cover_each_epoch_without_repeats():
+    seen = torch.cat([batch_indices(s, 20, 4, seed=0) for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(20))
+    assert batch_indices(7, 20, 4, seed=0).equal(batch_indices(7, 20, 4, seed=0))
+
+
+def test_missing_model_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="understudy teacher"):
+        load_model_and_tokenizer(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="config.json"):
+        load_model_and_tokenizer(tmp_path / "empty")
