@@ -106,3 +106,298 @@ class TeacherConfig(StageConfig):
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive.")
+
+
+# ---- kd ----
+KD_METHODS = ("kd", "gkd", "all", "ka", "sar", "bdistill")
+KD_DIVERGENCES = ("fkl", "rkl", "skew_fkl", "skew_rkl")
+
+
+@dataclass(frozen=True)
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning on instruction data, prompt masked from the loss (`understudy sft`)."""
+
+    data: str = ""  # instruction file (.jsonl/.json, optionally .gz; any format of data/instructions.py)
+    model: str = "quick"  # a preset name (trained from scratch) or a saved model folder
+    tokenizer: str | None = None  # tokenizer folder; None: the model folder's, or a BPE trained on `data`
+    vocab_size: int = 4096  # BPE vocabulary when a tokenizer is trained here
+    fmt: str = "auto"  # instruction format of `data` (auto-detected from the first row)
+    val_data: str | None = None  # validation file; None holds out `val_examples` rows of `data`
+    val_examples: int = 64  # validation examples for checkpoint selection by ROUGE-L
+    max_examples: int | None = None  # cap on training examples read (None: all)
+    max_prompt: int = 256  # prompt tokens kept (cut from the left)
+    max_total: int = 512  # prompt + response tokens kept
+    steps: int = 500  # optimiser steps
+    batch_size: int = 16  # examples per step
+    lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
+    warmup: int = 20  # warm-up steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 100  # steps between validation ROUGE-L evaluations / checkpoints
+    max_new_tokens: int = 64  # generation length for validation ROUGE-L
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_train_fields(self)
+
+
+@dataclass(frozen=True)
+class KDConfig(StageConfig):
+    """Distilling a whole MoE teacher into a dense or smaller MoE student (`understudy kd`)."""
+
+    data: str = ""  # instruction file with prompts (and responses for KD / off-policy)
+    teacher: str = ""  # saved teacher folder (an MoE; its tokenizer is the student's)
+    student: str = "quick-student"  # a preset name (fresh) or a saved model folder sharing the tokenizer
+    method: str = "kd"  # kd | gkd | all | ka | sar | bdistill (see kd/trainer.py)
+    divergence: str | None = None  # fkl | rkl | skew_fkl | skew_rkl; None: fkl for kd, rkl otherwise
+    on_policy: bool = True  # non-kd methods distil on student-sampled responses; False: dataset responses
+    fmt: str = "auto"  # instruction format of `data`
+    val_data: str | None = None  # validation file; None holds out `val_examples` rows of `data`
+    val_examples: int = 64  # validation examples for checkpoint selection by ROUGE-L
+    max_examples: int | None = None  # cap on training examples read (None: all)
+    max_prompt: int = 256  # prompt tokens kept (cut from the left)
+    max_total: int = 512  # prompt + response tokens kept
+    gen_max_new_tokens: int = 64  # length of student-sampled responses (on-policy)
+    steps: int = 300  # optimiser steps (KA takes `ka_passes` student updates per step)
+    batch_size: int = 8  # prompts per step
+    lr: float = 5e-4  # peak student learning rate (linear warm-up, cosine decay to 10%)
+    warmup: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ka_experts: int | None = None  # KA: experts active per teacher layer; None means N-1
+    ka_lambda: float = 0.05  # KA: per-token probability of sampling the experts instead of top-(N-1)
+    ka_passes: int = 2  # KA: teacher passes (and student updates) per step, M in EEM
+    sar_lr: float = 1e-4  # SAR: learning rate of the teacher-router optimiser
+    sar_beta: float = 0.01  # SAR: weight of the load-balancing loss in the router step
+    explore_eps: float = 0.1  # B-Distill: uniform mixing of router probabilities for MC exploration
+    router_kl_weight: float = 0.1  # B-Distill: weight of the teacher->student router KL
+    entropy_floor: float = 0.5  # B-Distill: entropy floor as a fraction of log(student experts)
+    entropy_weight: float = 0.1  # B-Distill: weight of the entropy-floor penalty
+    eval_every: int = 100  # steps between validation ROUGE-L evaluations / checkpoints
+    max_new_tokens: int = 64  # generation length for validation ROUGE-L
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_train_fields(self)
+        if self.method not in KD_METHODS:
+            raise ValueError(f"method must be one of {', '.join(KD_METHODS)}, got {self.method!r}.")
+        if self.divergence is not None and self.divergence not in KD_DIVERGENCES:
+            raise ValueError(f"divergence must be one of {', '.join(KD_DIVERGENCES)}, got {self.divergence!r}.")
+        if not 0.0 <= self.ka_lambda <= 1.0 or not 0.0 <= self.explore_eps <= 1.0:
+            raise ValueError("ka_lambda and explore_eps must lie in [0, 1].")
+        if self.ka_passes < 1 or (self.ka_experts is not None and self.ka_experts < 1):
+            raise ValueError("ka_passes and ka_experts must be at least 1.")
+        if self.gen_max_new_tokens < 1:
+            raise ValueError("gen_max_new_tokens must be at least 1.")
+
+    @property
+    def loss_divergence(self) -> str:
+        """The divergence actually used: forward KL for plain KD, reverse KL for the others unless set."""
+        return self.divergence or ("fkl" if self.method == "kd" else "rkl")
+
+
+@dataclass(frozen=True)
+class RougeConfig(StageConfig):
+    """Sampling responses and scoring ROUGE-L F1 per dataset and task (`understudy rouge`)."""
+
+    model: str = ""  # saved model folder (with its tokenizer)
+    data: tuple[str, ...] = ()  # instruction files, each scored as one dataset
+    fmt: str = "auto"  # instruction format of the files
+    seeds: tuple[int, ...] = (10, 20, 30, 40, 50)  # sampling seeds (mean and std over them)
+    greedy: bool = False  # greedy decoding instead of sampling (one pass, seeds ignored)
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
+    top_k: int = 0  # top-k sampling (0 = off)
+    max_new_tokens: int = 128  # generated tokens per response (cut earlier at end-of-text)
+    max_prompt: int = 256  # prompt tokens kept (cut from the left)
+    batch_size: int = 16  # prompts generated together (left padding, KV cache)
+    limit: int | None = None  # examples per dataset (None: all)
+    out: str | None = None  # JSON report path (None: print only)
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("give at least one instruction file to score.")
+        if not self.greedy and not self.seeds:
+            raise ValueError("sampling needs at least one seed (or use greedy).")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0.")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be positive.")
+
+
+def _check_train_fields(cfg: SFTConfig | KDConfig) -> None:
+    """Shared validation of the SFT/KD training fields."""
+    if cfg.steps <= 0 or cfg.batch_size <= 0:
+        raise ValueError("steps and batch_size must be positive.")
+    if not 0 < cfg.max_prompt < cfg.max_total:
+        raise ValueError(f"need 0 < max_prompt < max_total, got {cfg.max_prompt} and {cfg.max_total}.")
+    if cfg.eval_every <= 0 or cfg.val_examples < 0:
+        raise ValueError("eval_every must be positive and val_examples non-negative.")
+
+
+# ---- understudies ----
+
+
+@dataclass(frozen=True)
+class CaptureConfig(StageConfig):
+    """Recording per-MoE-layer activity into a store (`understudy capture`)."""
+
+    model: str = "runs/teacher"  # saved model folder (or hub id) to capture from
+    out: str = "runs/store"  # store folder: manifest.json + train/ and val/ shards
+    data: DataConfig = field(default_factory=DataConfig)  # text the model reads while captured
+    tokens: int = 65_536  # training tokens captured (rounded down to whole blocks)
+    val_tokens: int = 8_192  # held-out tokens captured from the corpus' val split
+    batch_size: int = 8  # blocks per forward pass
+    shard_tokens: int = 16_384  # rows per shard file
+    dtype: str = "float32"  # stored dtype of x, y, logits, weights: float32 | float16 | bfloat16
+
+    def __post_init__(self) -> None:
+        if self.tokens < self.data.block_size or self.val_tokens < self.data.block_size:
+            raise ValueError(f"tokens and val_tokens must hold at least one block of {self.data.block_size}.")
+        if self.batch_size <= 0 or self.shard_tokens <= 0:
+            raise ValueError("batch_size and shard_tokens must be positive.")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}.")
+
+
+@dataclass(frozen=True)
+class EndToEndConfig(StageConfig):
+    """End-to-end distillation through the frozen model with stochastic substitution."""
+
+    steps: int = 0  # optimiser steps (0 = skip the end-to-end stage)
+    data: DataConfig = field(default_factory=DataConfig)  # text for the teacher's next-token targets
+    blocks: int = 128  # training blocks whose teacher log-probs are cached (fp16)
+    batch_size: int = 8  # blocks per step
+    lr: float = 3e-4  # peak AdamW learning rate (linear warm-up, cosine decay)
+    warmup: int = 30  # warm-up steps
+    fraction_min: float = 0.5  # per step the substituted token fraction is drawn from [min, max]
+    fraction_max: float = 1.0  # 1.0 includes the full-replacement condition the understudies face at worst
+    direction: str = "forward"  # KL direction: forward = KL(teacher||model), reverse = KL(model||teacher)
+    hidden_weight: float = 0.0  # weight of a relative last-hidden-state matching term (0 = KL only)
+    eval_blocks: int = 32  # held-out blocks for the before/after check
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.blocks <= 0 or self.batch_size <= 0 or self.eval_blocks <= 0:
+            raise ValueError("steps must be >= 0 and blocks, batch_size, eval_blocks positive.")
+        if not 0.0 <= self.fraction_min <= self.fraction_max <= 1.0:
+            raise ValueError("need 0 <= fraction_min <= fraction_max <= 1.")
+        if self.direction not in ("forward", "reverse"):
+            raise ValueError(f"direction must be forward or reverse, got {self.direction!r}.")
+        if self.lr <= 0 or self.hidden_weight < 0:
+            raise ValueError("lr must be positive and hidden_weight non-negative.")
+
+
+@dataclass(frozen=True)
+class DistillConfig(StageConfig):
+    """Layer-wise distillation from a capture store, then optional end-to-end (`understudy distill`)."""
+
+    model: str = "runs/teacher"  # the model whose layers the store recorded
+    store: str = "runs/store"  # capture store folder
+    out: str = "runs/understudies"  # output folder (safetensors + config.json; layerwise/ holds resume markers)
+    arch: str = "dense"  # dense | lowrank | merged | small_moe | shadows
+    intermediate: int | None = None  # dense/merged/lowrank/small_moe intermediate (None: the arch default)
+    rank: int | None = None  # lowrank bottleneck rank (None: hidden // 8)
+    num_experts: int | None = None  # small_moe experts (None: half the layer's)
+    top_k: int | None = None  # small_moe top-k (None: the layer's)
+    width: int | None = None  # shadows: per-expert intermediate (swiglu) or rank (lowrank); None: I // 4
+    kind: str = "swiglu"  # shadows: swiglu | lowrank
+    loss: str = "mse"  # layer-wise loss: mse | cosine | relative
+    steps: int = 1500  # layer-wise optimiser steps per layer (upper bound; early stop may end sooner)
+    batch_tokens: int = 1024  # captured rows per step
+    lr: float = 3e-3  # peak AdamW learning rate (cosine decay)
+    weight_decay: float = 0.0
+    warmup: int = 50  # warm-up steps
+    eval_every: int = 100  # steps between held-out relative-error checks
+    patience: int = 5  # stop a layer after this many checks without improvement
+    e2e: EndToEndConfig = field(default_factory=EndToEndConfig)  # end-to-end stage (steps 0 = off)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("dense", "lowrank", "merged", "small_moe", "shadows"):
+            raise ValueError(f"arch must be one of dense, lowrank, merged, small_moe, shadows; got {self.arch!r}.")
+        if self.loss not in ("mse", "cosine", "relative"):
+            raise ValueError(f"loss must be mse, cosine or relative, got {self.loss!r}.")
+        if self.steps <= 0 or self.batch_tokens <= 0 or self.eval_every <= 0 or self.patience <= 0:
+            raise ValueError("steps, batch_tokens, eval_every and patience must be positive.")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive.")
+
+
+# ---- runtime ----
+@dataclass(frozen=True)
+class RuntimeConfig(StageConfig):
+    """How the load-aware MoE runtime treats overflow (`runtime.patch`)."""
+
+    policy: str = "full"  # one of runtime.policies.POLICIES
+    capacity_factor: float = 1.0  # per-expert capacity = ceil(cf * tokens * k / E), per layer and step
+    priority: str = "position"  # which assignments overflow first: position (arrival) | score (lowest weight)
+    readmit: bool = True  # understudy: offer capacity freed by understudy tokens back to tokens that fit
+    threshold: float | None = None  # layer: max/mean load above which the layer uses its understudy; None = any overflow
+    time_per_assignment: float = 1.0  # deadline: time an expert spends per assignment (cost-model units)
+    latency: float = 0.0  # deadline: fixed dispatch + combine latency added to every expert result
+    deadline: float | None = None  # deadline: results later than this are replaced; None = capacity x time + latency
+
+    def __post_init__(self) -> None:
+        from moe_understudy.runtime.policies import POLICIES, PRIORITIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}.")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}.")
+        if self.threshold is not None and self.threshold < 1.0:
+            raise ValueError(f"threshold is a max/mean load ratio and must be at least 1, got {self.threshold}.")
+        if self.time_per_assignment <= 0 or self.latency < 0:
+            raise ValueError("time_per_assignment must be positive and latency non-negative.")
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        """The policy options `plan_routing` takes."""
+        return dict(
+            readmit=self.readmit,
+            threshold=self.threshold,
+            time_per_assignment=self.time_per_assignment,
+            latency=self.latency,
+            deadline=self.deadline,
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig(StageConfig):
+    """Quality under load (`understudy evaluate`): every policy x capacity factor on one scenario."""
+
+    model: str = "runs/teacher"  # saved MoE model folder (teacher) with its tokenizer
+    understudies: str | None = None  # folder written by `understudy distill`; needed by understudy/layer/deadline/shadow
+    out: str = "runs/eval"  # report folder: report.json, report.png, eval.yaml
+    policies: tuple[str, ...] = ("full", "drop", "reroute", "understudy")  # policies compared side by side
+    capacities: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)  # capacity factors swept for every capacity policy
+    priority: str = "position"  # position | score
+    scenario: str = "natural"  # natural (held-out text) | domain_shift | hot_expert
+    hot_expert: int = 0  # hot_expert: the expert whose router logit is raised (every layer)
+    hot_bias: float = 2.0  # hot_expert: logit bias added to that expert
+    data: DataConfig = field(default_factory=DataConfig)  # corpus for natural text when the model folder has no cached blocks
+    max_blocks: int = 64  # evaluation blocks (of data.block_size tokens)
+    batch_sizes: tuple[int, ...] = (8,)  # blocks per forward step; capacity is per step, so this is the batch-size sweep
+    num_devices: int = 4  # devices the experts are spread over (contiguously) for all-to-all bytes
+    readmit: bool = True  # understudy policy: refill freed capacity (see RuntimeConfig)
+    threshold: float | None = None  # layer policy threshold (see RuntimeConfig)
+    latency: float = 0.0  # deadline policy latency in assignment-times (see RuntimeConfig)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from moe_understudy.runtime.policies import POLICIES, PRIORITIES
+
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            raise ValueError(f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(self.policies)}.")
+        if not self.capacities or any(c <= 0 for c in self.capacities):
+            raise ValueError(f"capacities must be positive numbers, got {list(self.capacities)}.")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
+        if self.scenario not in ("natural", "domain_shift", "hot_expert"):
+            raise ValueError(f"scenario must be natural, domain_shift or hot_expert; got {self.scenario!r}.")
+        if self.max_blocks <= 0 or not self.batch_sizes or any(b <= 0 for b in self.batch_sizes):
+            raise ValueError("max_blocks and every batch size must be positive.")
+        if self.num_devices <= 0:
+            raise ValueError(f"num_devices must be positive, got {self.num_devices}.")

@@ -21,6 +21,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from moe_understudy.config import DataConfig
+from moe_understudy.data.hub import hub_access
 from moe_understudy.errors import UserError
 
 # A document not yet read: (stable key, loader). Keys drive the split; loaders are called lazily
@@ -160,10 +161,12 @@ class _TextOnly(HTMLParser):
         self._skip = 0
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
-        self._skip += tag in ("script", "style")
+        if tag in ("script", "style"):  # code, not prose
+            self._skip += 1
 
     def handle_endtag(self, tag: str) -> None:
-        self._skip -= tag in ("script", "style") and self._skip > 0
+        if tag in ("script", "style") and self._skip:
+            self._skip -= 1
 
     def handle_data(self, data: str) -> None:
         if not self._skip:
@@ -255,13 +258,14 @@ def load_hf_dataset(name: str, config: str | None = None, split: str | None = No
     """`datasets.load_dataset`, turning any failure (offline, unknown name) into one UserError."""
     import datasets
 
-    try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as exc:  # offline, unknown, gated, or a missing config: all mean "use a local file"
-        raise UserError(
-            f"The dataset '{name}' could not be loaded (offline or unknown: {type(exc).__name__}); "
-            f"pass a local file or folder path instead."
-        ) from exc
+    with hub_access() as offline:
+        try:
+            return datasets.load_dataset(name, config, split=split)
+        except Exception as exc:  # offline, unknown, gated, or a missing config: all mean "use a local file"
+            reason = "offline and not in the local cache" if offline else f"unknown or unavailable: {type(exc).__name__}"
+            raise UserError(
+                f"The dataset '{name}' could not be loaded ({reason}); pass a local file or folder path instead."
+            ) from exc
 
 
 # ---- split and cap ---------------------------------------------------------------------------

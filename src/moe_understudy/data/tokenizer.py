@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from moe_understudy.config import DataConfig
+from moe_understudy.data.hub import hub_access
 from moe_understudy.errors import UserError
 
 EOS = "<|endoftext|>"
@@ -91,13 +92,15 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
             f"Tokenizer path {source} does not exist; pass an existing tokenizer folder or a hub id."
         )
     else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as exc:
-            raise UserError(
-                f"The tokenizer '{source}' is neither a local folder nor loadable from the hub (offline or "
-                f"unknown id: {type(exc).__name__}); pass a local tokenizer folder instead."
-            ) from exc
+        with hub_access() as offline:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            except Exception as exc:
+                reason = "offline and not in the local cache" if offline else f"unknown id: {type(exc).__name__}"
+                raise UserError(
+                    f"The tokenizer '{source}' is neither a local folder nor loadable from the hub ({reason}); "
+                    f"pass a local tokenizer folder instead."
+                ) from exc
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(
