@@ -401,3 +401,103 @@ class EvalConfig(StageConfig):
             raise ValueError("max_blocks and every batch size must be positive.")
         if self.num_devices <= 0:
             raise ValueError(f"num_devices must be positive, got {self.num_devices}.")
+
+
+# ---- parallel ----
+SIM_POLICIES = ("full", "drop", "reroute", "understudy", "replication", "speculative")
+
+
+@dataclass(frozen=True)
+class EPConfig(StageConfig):
+    """Evaluation under real expert parallelism (`python -m moe_understudy.runtime.ep`, `evaluate --ep N`)."""
+
+    model: str = "runs/teacher"  # saved MoE model folder with its tokenizer (and cached blocks.pt)
+    understudies: str | None = None  # folder written by `understudy distill`; needed by understudy/layer/deadline/shadow
+    policy: str = "full"  # load-aware policy applied with capacity over the GLOBAL batch (all ranks)
+    capacity_factor: float = 1.0  # per-expert capacity = ceil(cf * global tokens * k / E)
+    priority: str = "position"  # position | score
+    placement: str = "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file
+    extra_slots: int = 0  # replicate: expert slots per rank beyond ceil(E / ranks) (the memory budget)
+    data: DataConfig = field(default_factory=DataConfig)  # corpus when the model folder has no cached blocks
+    max_blocks: int = 64  # evaluation blocks over all ranks (of data.block_size tokens)
+    blocks_per_rank: int = 2  # blocks each rank contributes to one step; global batch = ranks x this
+    out: str = "runs/ep"  # report folder: ep.json (per rank and step statistics) and ep.yaml
+    timeout_s: float = 60.0  # collective timeout: a dead rank makes the others fail after this long
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+
+    def __post_init__(self) -> None:
+        from moe_understudy.runtime.policies import POLICIES, PRIORITIES
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}.")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}.")
+        if self.extra_slots < 0 or self.max_blocks <= 0 or self.blocks_per_rank <= 0 or self.timeout_s <= 0:
+            raise ValueError("extra_slots must be >= 0; max_blocks, blocks_per_rank and timeout_s positive.")
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"backend must be auto, gloo or nccl; got {self.backend!r}.")
+
+
+@dataclass(frozen=True)
+class ClusterCost(StageConfig):
+    """Cost model of one MoE layer on a cluster (defaults: a Mixtral-8x7B-sized layer on H100-class devices)."""
+
+    hidden_size: int = 4096  # H of the simulated layer (bytes moved per assignment = H x dtype_bytes)
+    expert_intermediate: int = 14336  # I of one routed expert; FLOPs per assignment = 6 H I
+    dtype_bytes: int = 2  # bf16 activations on the wire
+    device_tflops: float = 400.0  # sustained expert-GEMM throughput per device, TFLOP/s
+    link_gbps: float = 50.0  # per-device all-to-all bandwidth, GB/s (each direction)
+    latency_us: float = 10.0  # fixed cost of one all-to-all, microseconds
+    understudy_cost: float = 0.5  # understudy FLOPs per token / active routed-expert FLOPs per token
+
+    def __post_init__(self) -> None:
+        if min(self.hidden_size, self.expert_intermediate, self.dtype_bytes) <= 0:
+            raise ValueError("hidden_size, expert_intermediate and dtype_bytes must be positive.")
+        if self.device_tflops <= 0 or self.link_gbps <= 0 or self.latency_us < 0:
+            raise ValueError("device_tflops and link_gbps must be positive, latency_us non-negative.")
+        if self.understudy_cost <= 0:
+            raise ValueError(f"understudy_cost must be positive, got {self.understudy_cost}.")
+
+
+@dataclass(frozen=True)
+class SimConfig(StageConfig):
+    """Trace-driven cluster simulation (`understudy simulate`)."""
+
+    model: str | None = None  # capture the trace from this saved MoE model (its cached blocks or data)
+    trace: str | None = None  # ... or replay a saved trace (.safetensors); neither: synthetic Zipf trace
+    zipf: float = 1.0  # synthetic trace: Zipf exponent of expert popularity (0 = uniform)
+    synthetic_experts: int = 8  # synthetic trace: experts per layer
+    synthetic_layers: int = 4  # synthetic trace: MoE layers
+    top_k: int = 2  # synthetic trace: experts per token
+    data: DataConfig = field(default_factory=DataConfig)  # corpus for capture when the model folder has no blocks
+    max_blocks: int = 64  # blocks captured from the model
+    ranks: tuple[int, ...] = (8, 16, 32, 64, 128, 256)  # cluster sizes; experts expand by tiling when ranks > E
+    policies: tuple[str, ...] = SIM_POLICIES  # compared side by side
+    capacity_factor: float = 1.0  # capacity of drop / reroute / understudy
+    priority: str = "position"  # position | score
+    tokens_per_rank: int = 512  # tokens each rank holds per step (weak scaling)
+    steps: int = 3  # simulated steps per cluster size (fresh token sample each)
+    calibration_fraction: float = 0.5  # part of the trace used to plan replication and fit speculation
+    cost: ClusterCost = field(default_factory=ClusterCost)
+    quality: str = "benchmarks/results/quality_under_load.json"  # measured quality per policy, if present
+    out: str = "runs/sim"  # sim.json, sim.png, sim.yaml, trace.safetensors
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from moe_understudy.runtime.policies import PRIORITIES
+
+        bad = [p for p in self.policies if p not in SIM_POLICIES]
+        if bad or not self.policies:
+            raise ValueError(f"policies must be a non-empty list from {', '.join(SIM_POLICIES)}; got {list(self.policies)}.")
+        if not self.ranks or any(r < 1 for r in self.ranks):
+            raise ValueError(f"ranks must be positive integers, got {list(self.ranks)}.")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
+        if self.capacity_factor <= 0 or self.tokens_per_rank <= 0 or self.steps <= 0:
+            raise ValueError("capacity_factor, tokens_per_rank and steps must be positive.")
+        if not 0.0 < self.calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}.")
+        if self.zipf < 0 or self.synthetic_experts < 2 or not 1 <= self.top_k < self.synthetic_experts:
+            raise ValueError("zipf must be >= 0, synthetic_experts >= 2 and 1 <= top_k < synthetic_experts.")
