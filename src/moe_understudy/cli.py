@@ -31,6 +31,9 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own rich progress bars say what is happening
         try:
             return fn(*args, **kwargs)
         except UserError as err:
