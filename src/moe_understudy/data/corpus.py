@@ -262,7 +262,11 @@ def load_hf_dataset(name: str, config: str | None = None, split: str | None = No
         try:
             return datasets.load_dataset(name, config, split=split)
         except Exception as exc:  # offline, unknown, gated, or a missing config: all mean "use a local file"
-            reason = "offline and not in the local cache" if offline else f"unknown or unavailable: {type(exc).__name__}"
+            reason = (
+                "offline and not in the local cache"
+                if offline
+                else f"unknown or unavailable: {type(exc).__name__}"
+            )
             raise UserError(
                 f"The dataset '{name}' could not be loaded ({reason}); pass a local file or folder path instead."
             ) from exc
@@ -339,10 +343,11 @@ def _truncate(text: str, limit: int) -> str:
     return text[: newline + 1] if newline > 0 else text[:limit]
 
 
-def _take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+def _take_chars(texts: Iterable[str], max_chars: int, min_piece: int = 1_000) -> Iterator[str]:
+    """`texts` in order until `max_chars`; the last one is cut to fit unless that leaves a stub."""
     left = max_chars
     for text in texts:
-        if left <= 0:
+        if len(text) > left and left < min_piece:
             return
         text = _truncate(text, left)
         left -= len(text)

@@ -96,7 +96,9 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source)
             except Exception as exc:
-                reason = "offline and not in the local cache" if offline else f"unknown id: {type(exc).__name__}"
+                reason = (
+                    "offline and not in the local cache" if offline else f"unknown id: {type(exc).__name__}"
+                )
                 raise UserError(
                     f"The tokenizer '{source}' is neither a local folder nor loadable from the hub ({reason}); "
                     f"pass a local tokenizer folder instead."
