@@ -123,6 +123,25 @@ def test_unloadable_dataset_name_says_offline_and_suggests_a_local_path(monkeypa
         load_corpus(DataConfig(source="made-up-user-zz/no-such-dataset-qq"))
 
 
+def test_dataset_name_reads_rows_of_every_split(monkeypatch):
+    import datasets
+
+    from moe_understudy.data import corpus as corpus_module
+
+    loaded = {}
+
+    def fake_load(name, config=None, split=None):
+        loaded["args"] = (name, config, split)
+        rows = {"text": [f"row {i} of the set" for i in range(40)], "n": list(range(40))}
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)})
+
+    monkeypatch.setattr(corpus_module, "load_hf_dataset", fake_load)
+    corpus = load_corpus(DataConfig(source="someone/set:small", val_fraction=0.2))
+    assert loaded["args"] == ("someone/set", "small", None)
+    assert sorted(corpus.train + corpus.val) == sorted(f"row {i} of the set" for i in range(40))
+    assert corpus.train and corpus.val
+
+
 def test_domain_shift_text_is_capped_and_not_in_the_default_training_text():
     shift = domain_shift_texts(max_chars=60_000)
     assert shift and sum(map(len, shift)) <= 60_000

@@ -243,15 +243,27 @@ def _row_text(row: dict, text_field: str, where: str) -> str:
 
 
 def _dataset_documents(source: str, text_field: str) -> list[LazyDoc]:
-    """Rows of a Hugging Face dataset "name" or "name:config"; its train split (and validation if present)."""
+    """Rows of every split of a Hugging Face dataset "name" or "name:config", re-split by row like any corpus."""
     name, _, config = source.partition(":")
     splits = load_hf_dataset(name, config or None)
+    if not hasattr(splits, "keys"):  # a single split came back
+        splits = {"train": splits}
     docs: list[LazyDoc] = []
     for split_name in sorted(splits):
-        for i, row in enumerate(splits[split_name]):
-            text = _row_text(row, text_field, where=f"dataset {source} split {split_name} row {i}")
-            docs.append((f"{split_name}#{i}", _constant(text)))
+        rows = splits[split_name]
+        # Rows are read only when the cap reaches them (Arrow gives cheap random access).
+        docs += [
+            (
+                f"{split_name}#{i}",
+                _row_reader(rows, i, text_field, f"dataset {source} split {split_name} row {i}"),
+            )
+            for i in range(len(rows))
+        ]
     return docs
+
+
+def _row_reader(rows, index: int, text_field: str, where: str) -> Callable[[], str]:
+    return lambda: _row_text(rows[index], text_field, where)
 
 
 def load_hf_dataset(name: str, config: str | None = None, split: str | None = None):
@@ -268,7 +280,8 @@ def load_hf_dataset(name: str, config: str | None = None, split: str | None = No
                 else f"unknown or unavailable: {type(exc).__name__}"
             )
             raise UserError(
-                f"The dataset '{name}' could not be loaded ({reason}); pass a local file or folder path instead."
+                f"The dataset '{name}' could not be loaded ({reason}) and no local path has that name; "
+                f"pass a local file or folder path instead."
             ) from exc
 
 
