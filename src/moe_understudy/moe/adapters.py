@@ -98,7 +98,17 @@ class MoELayer:
 
     def experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Routed part: x (T, H), indices/weights (T, k) -> (T, H); index == num_experts is skipped."""
-        return self.block.experts(x, indices, weights.to(x.dtype))
+        skip = indices >= self.num_experts
+        if not bool(skip.any()):
+            return self.block.experts(x, indices, weights.to(x.dtype))
+        # transformers' default `grouped_mm` experts leave skip-index rows uninitialised (only its
+        # expert-parallel mode masks them), so compute the kept assignments alone, one per row.
+        token, slot = (~skip).nonzero(as_tuple=True)  # (A,), (A,)
+        y = torch.zeros_like(x)
+        if token.numel() == 0:
+            return y
+        rows = self.block.experts(x[token], indices[token, slot, None], weights[token, slot, None].to(x.dtype))
+        return y.index_add(0, token, rows.to(y.dtype))
 
     @property
     def has_shared(self) -> bool:
