@@ -214,6 +214,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False,
                 if joint is not None:
                     extra["joint"] = joint.state_dict()
                 _save_checkpoint(model, optimizer, done, extra, out_dir)
+                progress.console.log(f"step {done}/{cfg.steps}: loss {out.loss.item():.3f}, held-out perplexity {val_ppl:.2f}, checkpoint saved")
             progress.update(task, completed=done, loss=out.loss.item(), ppl=val_ppl, tps=tps)
     train_seconds = elapsed + time.perf_counter() - t0
 
