@@ -27,7 +27,20 @@ def test_teacher_quick_then_inspect_prints_load_and_writes_heatmap(tmp_path):
     out = tmp_path / "teacher"
     result = runner.invoke(
         app,
-        ["teacher", "--quick", "--out", str(out), "--data", str(data), "--steps", "12", "--vocab-size", "300", "--block-size", "32"],
+        [
+            "teacher",
+            "--quick",
+            "--out",
+            str(out),
+            "--data",
+            str(data),
+            "--steps",
+            "12",
+            "--vocab-size",
+            "300",
+            "--block-size",
+            "32",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "held-out perplexity" in text(result)
@@ -36,8 +49,22 @@ def test_teacher_quick_then_inspect_prints_load_and_writes_heatmap(tmp_path):
     heatmap, figures = tmp_path / "load.png", tmp_path / "load.json"
     result = runner.invoke(
         app,
-        ["inspect", str(out), "--data", str(data), "--blocks", "8", "--block-size", "32", "--batch-size", "4",
-         "--heatmap", str(heatmap), "--json", str(figures)],
+        [
+            "inspect",
+            str(out),
+            "--data",
+            str(data),
+            "--blocks",
+            "8",
+            "--block-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--heatmap",
+            str(heatmap),
+            "--json",
+            str(figures),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "max/mean" in text(result)
@@ -49,7 +76,20 @@ def test_teacher_quick_then_inspect_prints_load_and_writes_heatmap(tmp_path):
 def test_teacher_into_an_existing_run_without_resume_is_one_clear_error(tmp_path):
     data = small_corpus(tmp_path)
     out = tmp_path / "teacher"
-    args = ["teacher", "--quick", "--out", str(out), "--data", str(data), "--steps", "4", "--vocab-size", "300", "--block-size", "32"]
+    args = [
+        "teacher",
+        "--quick",
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--steps",
+        "4",
+        "--vocab-size",
+        "300",
+        "--block-size",
+        "32",
+    ]
     assert runner.invoke(app, args).exit_code == 0
     result = runner.invoke(app, args)
     assert result.exit_code == 2

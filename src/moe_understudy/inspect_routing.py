@@ -146,7 +146,9 @@ def inspect_model(
     blocks = pack_blocks(corpus.val or corpus.train, tokenizer, block_size, max_blocks=num_blocks)
     stats = routing_load(model, blocks, batch_size=batch_size)
 
-    table = Table(title=f"expert load of {model_path} on {len(blocks)} x {block_size} tokens of {corpus.name}")
+    table = Table(
+        title=f"expert load of {model_path} on {len(blocks)} x {block_size} tokens of {corpus.name}"
+    )
     table.add_column("layer", justify="right")
     table.add_column("tokens per expert")
     table.add_column("max/mean (pooled)", justify="right")
@@ -163,7 +165,9 @@ def inspect_model(
         )
     console.print(table)
     if heatmap is not None:
-        console.print(f"heatmap written to {save_heatmap(stats, heatmap, title=f'expert load: {Path(model_path).name}')}")
+        console.print(
+            f"heatmap written to {save_heatmap(stats, heatmap, title=f'expert load: {Path(model_path).name}')}"
+        )
     if json_out is not None:
         Path(json_out).write_text(json.dumps(stats.to_dict(), indent=2))
         console.print(f"figures written to {json_out}")

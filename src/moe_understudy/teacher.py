@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -69,7 +76,9 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> 
     for start in range(0, len(blocks), batch_size):
         ids = blocks[start : start + batch_size].to(device)
         logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        loss = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         total += loss.item()
         count += ids[:, 1:].numel()
     model.train(was_training)
@@ -86,11 +95,17 @@ def _prepare_data(cfg: TeacherConfig, out_dir: Path, console: Console):
         return load_tokenizer(out_dir), saved["train"], saved["val"]
     with console.status("reading corpus"):
         corpus = load_corpus(cfg.data)
-    with console.status(f"training BPE tokenizer (vocab {cfg.data.vocab_size})" if not cfg.data.tokenizer else "loading tokenizer"):
+    with console.status(
+        f"training BPE tokenizer (vocab {cfg.data.vocab_size})"
+        if not cfg.data.tokenizer
+        else "loading tokenizer"
+    ):
         tokenizer = get_tokenizer(cfg.data, corpus.train, out_dir)
     with console.status("tokenising and packing"):
         train = pack_blocks(corpus.train, tokenizer, cfg.data.block_size)
-        val = pack_blocks(corpus.val, tokenizer, cfg.data.block_size, max_blocks=cfg.eval_batches * cfg.batch_size)
+        val = pack_blocks(
+            corpus.val, tokenizer, cfg.data.block_size, max_blocks=cfg.eval_batches * cfg.batch_size
+        )
     _atomic_torch_save({"train": train, "val": val}, cache)
     console.print(
         f"corpus [bold]{corpus.name}[/]: {len(corpus.train)} train / {len(corpus.val)} val documents, "
@@ -105,7 +120,9 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict, out_dir: Path) -> None:
+def _save_checkpoint(
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, extra: dict, out_dir: Path
+) -> None:
     """Write checkpoint/ atomically: a crash mid-write leaves the previous checkpoint intact."""
     final = out_dir / CHECKPOINT_DIR
     tmp = out_dir / (CHECKPOINT_DIR + ".tmp")
@@ -113,7 +130,10 @@ def _save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, step: i
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     # Tied embeddings share storage; safetensors refuses shared tensors, so the clone above splits them.
     save_file(state, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state(), **extra}, tmp / "state.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state(), **extra},
+        tmp / "state.pt",
+    )
     old = out_dir / (CHECKPOINT_DIR + ".old")
     if final.exists():
         os.replace(final, old)
@@ -142,7 +162,9 @@ def _check_resume_config(cfg: TeacherConfig, out_dir: Path) -> None:
         )
 
 
-def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False, console: Console | None = None) -> TeacherResult:
+def train_teacher(
+    cfg: TeacherConfig, out_dir: str | Path, resume: bool = False, console: Console | None = None
+) -> TeacherResult:
     """Train the teacher described by `cfg` into `out_dir`; with `resume`, continue from its checkpoint."""
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
@@ -151,7 +173,9 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False,
         _check_resume_config(cfg, out_dir)
     elif (out_dir / "config.json").exists() or has_ckpt:
         if not resume:
-            raise UserError(f"{out_dir} already holds a teacher; pass --resume to continue it or choose a new --out.")
+            raise UserError(
+                f"{out_dir} already holds a teacher; pass --resume to continue it or choose a new --out."
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out_dir / "teacher.yaml")
     torch.manual_seed(cfg.seed)
@@ -180,13 +204,17 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False,
         TextColumn("[bold]teacher[/]"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  val ppl {task.fields[ppl]:.1f}  {task.fields[tps]:,.0f} tok/s"),
+        TextColumn(
+            "loss {task.fields[loss]:.3f}  val ppl {task.fields[ppl]:.1f}  {task.fields[tps]:,.0f} tok/s"
+        ),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
     )
     with progress:
-        task = progress.add_task("train", total=cfg.steps, completed=start, loss=float("nan"), ppl=val_ppl, tps=0.0)
+        task = progress.add_task(
+            "train", total=cfg.steps, completed=start, loss=float("nan"), ppl=val_ppl, tps=0.0
+        )
         t0 = time.perf_counter()
         for step in range(start, cfg.steps):
             for group in optimizer.param_groups:
@@ -214,7 +242,9 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False,
                 if joint is not None:
                     extra["joint"] = joint.state_dict()
                 _save_checkpoint(model, optimizer, done, extra, out_dir)
-                progress.console.log(f"step {done}/{cfg.steps}: loss {out.loss.item():.3f}, held-out perplexity {val_ppl:.2f}, checkpoint saved")
+                progress.console.log(
+                    f"step {done}/{cfg.steps}: loss {out.loss.item():.3f}, held-out perplexity {val_ppl:.2f}, checkpoint saved"
+                )
             progress.update(task, completed=done, loss=out.loss.item(), ppl=val_ppl, tps=tps)
     train_seconds = elapsed + time.perf_counter() - t0
 
@@ -272,7 +302,9 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu
         )
         raise UserError(f"{path} holds no config.json, so it is not a saved model{hint}.")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(local if local.exists() else path), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local if local.exists() else path), dtype=torch.float32
+        )
     except OSError as err:
         raise UserError(
             f"Model {str(path)!r} is neither a local model folder nor reachable on the hub (offline?); "
@@ -280,4 +312,3 @@ def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu
         ) from err
     tokenizer = load_tokenizer(path)
     return model.to(device).eval(), tokenizer
-

@@ -18,7 +18,11 @@ def tiny_model(family: str) -> nn.Module:
 
 
 def test_every_supported_family_has_a_tiny_config():
-    assert set(TINY_FAMILIES) == set(SUPPORTED_FAMILIES) == {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
+    assert (
+        set(TINY_FAMILIES)
+        == set(SUPPORTED_FAMILIES)
+        == {"mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3"}
+    )
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

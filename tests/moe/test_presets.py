@@ -8,9 +8,10 @@ def test_default_teacher_has_the_documented_shape():
     model = build_model(preset_config("mixtral", vocab_size=4096), seed=0)
     layers = find_moe_layers(model)
     assert len(layers) == 4
-    assert {(layer.hidden_size, layer.num_experts, layer.expert_intermediate_size, layer.top_k) for layer in layers} == {
-        (128, 8, 256, 2)
-    }
+    assert {
+        (layer.hidden_size, layer.num_experts, layer.expert_intermediate_size, layer.top_k)
+        for layer in layers
+    } == {(128, 8, 256, 2)}
 
 
 def test_qwen3_preset_is_a_qwen3_moe():

@@ -8,8 +8,8 @@ expert), Qwen3-MoE and DeepSeek-V3 (shared experts, grouped top-k with sigmoid s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -29,7 +29,11 @@ _FAMILIES: dict[str, tuple[str, str, str]] = {
         "Qwen3MoeSparseMoeBlock",
         "moe_intermediate_size",
     ),
-    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3MoE", "moe_intermediate_size"),
+    "deepseek_v3": (
+        "transformers.models.deepseek_v3.modeling_deepseek_v3",
+        "DeepseekV3MoE",
+        "moe_intermediate_size",
+    ),
 }
 SUPPORTED_FAMILIES = tuple(_FAMILIES)
 
@@ -107,7 +111,9 @@ class MoELayer:
         y = torch.zeros_like(x)
         if token.numel() == 0:
             return y
-        rows = self.block.experts(x[token], indices[token, slot, None], weights[token, slot, None].to(x.dtype))
+        rows = self.block.experts(
+            x[token], indices[token, slot, None], weights[token, slot, None].to(x.dtype)
+        )
         return y.index_add(0, token, rows.to(y.dtype))
 
     @property

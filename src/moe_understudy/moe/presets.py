@@ -196,7 +196,9 @@ def tiny_config(family: str, vocab_size: int = 97, num_layers: int = 2) -> Pretr
     return AutoConfig.for_model(family, **{**base, **_TINY[family]})
 
 
-def build_model(config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+def build_model(
+    config: PretrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> PreTrainedModel:
     """A freshly initialised causal LM for `config` (deterministic under `seed`)."""
     torch.manual_seed(seed)
     config._attn_implementation = "eager" if config.model_type == "deepseek_v3" else "sdpa"
