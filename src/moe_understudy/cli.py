@@ -135,6 +135,74 @@ def inspect(
 # ---- end section: runtime ----------------------------------------------------------------------
 
 # ---- section: parallel (simulate, ep) ----------------------------------------------------------
+def _csv(text: str | None, kind=str):
+    """'8,16,64' -> (8, 16, 64); None stays None."""
+    return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
+
+
+@app.command()
+@user_errors
+def simulate(
+    model: Annotated[Optional[str], typer.Option(help="Capture the routing trace from this saved MoE model folder (its held-out blocks).")] = None,
+    trace: Annotated[Optional[Path], typer.Option(help="Replay a saved trace (.safetensors, e.g. trace.safetensors of an earlier run) instead.")] = None,
+    zipf: Annotated[Optional[float], typer.Option(help="Without --model/--trace: Zipf exponent of the synthetic expert popularity (0 = uniform).")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="Synthetic trace: experts per layer.")] = None,
+    ranks: Annotated[Optional[str], typer.Option(help="Cluster sizes, comma-separated (default 8,16,32,64,128,256); experts are tiled when ranks > experts.")] = None,
+    policies: Annotated[Optional[str], typer.Option(help="Comma-separated from full, drop, reroute, understudy, replication, speculative (default all).")] = None,
+    capacity_factor: Annotated[Optional[float], typer.Option(help="Capacity factor of drop / reroute / understudy: capacity = ceil(cf * tokens * k / experts).")] = None,
+    priority: Annotated[Optional[str], typer.Option(help="Which assignments overflow first: position or score.")] = None,
+    tokens_per_rank: Annotated[Optional[int], typer.Option(help="Tokens each rank holds per step (weak scaling).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Simulated steps per cluster size (fresh token sample each).")] = None,
+    understudy_cost: Annotated[Optional[float], typer.Option(help="Understudy FLOPs / active routed-expert FLOPs; also sets replication's equal-memory budget.")] = None,
+    hidden_size: Annotated[Optional[int], typer.Option(help="Hidden size of the simulated layer (default 4096).")] = None,
+    expert_intermediate: Annotated[Optional[int], typer.Option(help="Intermediate size of one simulated expert (default 14336).")] = None,
+    device_tflops: Annotated[Optional[float], typer.Option(help="Sustained expert throughput per device, TFLOP/s (default 400).")] = None,
+    link_gbps: Annotated[Optional[float], typer.Option(help="All-to-all bandwidth per device, GB/s (default 50).")] = None,
+    latency_us: Annotated[Optional[float], typer.Option(help="Fixed latency of one all-to-all, microseconds (default 10).")] = None,
+    quality: Annotated[Optional[str], typer.Option(help="JSON with measured quality per policy and capacity (default benchmarks/results/quality_under_load.json).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output folder: sim.json, sim.png, sim.yaml, trace.safetensors.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (token sampling, synthetic trace, expansion).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Read options from a sim.yaml (flags given here override it).")] = None,
+) -> None:
+    """Replay routing over 8..256 simulated ranks per policy; print a table, plot step time and bytes against ranks."""
+    from moe_understudy.config import SimConfig
+    from moe_understudy.sim.workflow import run_simulation
+
+    try:
+        base = SimConfig.from_yaml(config) if config else SimConfig()
+        cost = base.cost.replace(
+            **_given(
+                understudy_cost=understudy_cost,
+                hidden_size=hidden_size,
+                expert_intermediate=expert_intermediate,
+                device_tflops=device_tflops,
+                link_gbps=link_gbps,
+                latency_us=latency_us,
+            )
+        )
+        cfg = base.replace(
+            cost=cost,
+            **_given(
+                model=model,
+                trace=None if trace is None else str(trace),
+                zipf=zipf,
+                synthetic_experts=experts,
+                ranks=_csv(ranks, int),
+                policies=_csv(policies),
+                capacity_factor=capacity_factor,
+                priority=priority,
+                tokens_per_rank=tokens_per_rank,
+                steps=steps,
+                quality=quality,
+                out=out,
+                seed=seed,
+            ),
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    run_simulation(cfg, console=console)
+
+
 # ---- end section: parallel ---------------------------------------------------------------------
 
 # ---- section: kd (sft, kd, rouge) --------------------------------------------------------------

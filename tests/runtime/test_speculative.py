@@ -46,6 +46,8 @@ def test_unpredictable_routing_is_mostly_corrected_and_wastes_early_rows():
     assert 0.1 < float(rep.expert_accuracy.mean()) < 0.45  # near chance (2 of 8)
     assert rep.totals()["avoided_fraction"] < 0.6
     assert rep.wasted_rows.sum() > 0
+    assert torch.equal(rep.corrected_send.sum(1).float(), rep.corrected_rows)
+    assert torch.equal(rep.corrected_recv.sum(1).float(), rep.corrected_rows)
 
 
 def test_assignments_not_sent_to_experts_are_not_counted():

@@ -94,6 +94,8 @@ class SpeculationReport:
     predispatched_rows: (L,) off-rank rows sent early (overlapped with the previous layer)
     corrected_rows:     (L,) off-rank rows still sent after routing (mispredictions)
     wasted_rows:        (L,) early rows to ranks that serve none of the token's experts
+    corrected_send:     [L, R] corrected rows each rank sends (critical path, per source rank)
+    corrected_recv:     [L, R] corrected rows each rank receives
     """
 
     expert_accuracy: torch.Tensor
@@ -102,6 +104,8 @@ class SpeculationReport:
     predispatched_rows: torch.Tensor
     corrected_rows: torch.Tensor
     wasted_rows: torch.Tensor
+    corrected_send: torch.Tensor
+    corrected_recv: torch.Tensor
 
     @property
     def avoided_rows(self) -> torch.Tensor:
@@ -140,6 +144,8 @@ def speculate(
     sent = torch.ones_like(indices, dtype=torch.bool) if sent is None else sent
     home = src_rank.unsqueeze(1)  # (T, 1)
     stats = {n: torch.zeros(L) for n in ("eacc", "racc", "base", "pre", "corr", "waste")}
+    send = torch.zeros(L, num_ranks, dtype=torch.long)
+    recv = torch.zeros(L, num_ranks, dtype=torch.long)
     for layer in range(L):
         real = indices[layer]  # (T, k)
         pred = predicted[layer]  # (T, p)
@@ -156,7 +162,10 @@ def speculate(
         stats["racc"][layer] = has_early[off].float().mean() if off.any() else 1.0
         stats["base"][layer] = off.sum()
         stats["pre"][layer] = pred_off.sum()
-        stats["corr"][layer] = (off & ~has_early).sum()
+        late = off & ~has_early  # (T, k)
+        stats["corr"][layer] = late.sum()
+        send[layer] = torch.bincount(home.expand_as(late)[late], minlength=num_ranks)
+        recv[layer] = torch.bincount(real_rank[late], minlength=num_ranks)
         stats["waste"][layer] = (pred_off & ~used).sum()
     return SpeculationReport(
         expert_accuracy=stats["eacc"],
@@ -165,4 +174,6 @@ def speculate(
         predispatched_rows=stats["pre"],
         corrected_rows=stats["corr"],
         wasted_rows=stats["waste"],
+        corrected_send=send,
+        corrected_recv=recv,
     )

@@ -165,10 +165,12 @@ def expand_trace(trace: RoutingTrace, expert_factor: int, num_tokens: int, seed:
     """Scale a trace to `expert_factor` x more experts and `num_tokens` tokens, keeping its skew.
 
     Used when the cluster has more ranks than the model has experts. Each expert e becomes
-    `expert_factor` sibling experts ``e * f + j``; a token sent to e goes to sibling j drawn uniformly
-    (seeded), with the logit copied (siblings split e's load evenly, so each expert's share of the
-    load, and the max/mean expert load, stay as captured). Tokens are sampled with replacement from
-    the trace, whole tokens at a time, so the per-token correlation across layers is kept.
+    `expert_factor` sibling experts ``e * f + j``. Which sibling serves a token is a fixed random
+    function of (layer, token id, e) -- of the original row when the trace has no token ids -- so
+    siblings split e's load about evenly (each expert's share of the load, and the max/mean
+    expert load, stay as captured) and routing stays as predictable from the token as it was.
+    Tokens are sampled with replacement from the trace, whole tokens at a time, so the per-token
+    correlation across layers is kept.
     """
     if expert_factor < 1:
         raise ValueError(f"expert_factor must be >= 1, got {expert_factor}.")
@@ -183,7 +185,12 @@ def expand_trace(trace: RoutingTrace, expert_factor: int, num_tokens: int, seed:
         return RoutingTrace(t.logits, t.weights, t.indices, t.token_ids, t.source)
     f = expert_factor
     L, T, E = t.logits.shape
-    sibling = torch.randint(f, (L, T, E), generator=g)  # sibling of every expert, per token
+    if trace.token_ids is not None:
+        key, num_keys = t.token_ids, int(trace.token_ids.max()) + 1
+    else:
+        key, num_keys = (torch.arange(T) if rows is None else rows), trace.num_tokens
+    table = torch.randint(f, (L, num_keys, E), generator=torch.Generator().manual_seed(seed + 7919))
+    sibling = table[:, key]  # (L, T, E) sibling of every expert, per token
     indices = t.indices * f + sibling.gather(2, t.indices)
     # logits: the drawn sibling of e keeps e's logit; the other siblings are pushed below every
     # drawn sibling (shifted by the token's logit range + 1), so top-k and the reroute order over
