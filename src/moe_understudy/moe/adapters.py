@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moe_understudy.errors import UserError
+
 # Family name -> (MoE block class path, routed-expert intermediate-size config attribute).
 # Imports are lazy so that importing this module does not import every model family.
 _FAMILIES: dict[str, tuple[str, str, str]] = {
@@ -36,9 +38,6 @@ _FAMILIES: dict[str, tuple[str, str, str]] = {
     ),
 }
 SUPPORTED_FAMILIES = tuple(_FAMILIES)
-
-
-from moe_understudy.errors import UserError  # noqa: E402
 
 
 class UnsupportedModelError(UserError, ValueError):
