@@ -1,0 +1,189 @@
+"""End-to-end distillation: train understudies through the frozen model on next-token KL.
+
+Each step substitutes the understudy for a random fraction of tokens in every MoE layer (drawn per
+step from [fraction_min, fraction_max]) and minimises KL between the substituted model's and the
+full model's next-token distributions. Only understudy parameters change.
+
+Why this beats the layer-wise fit when done right: layer-wise training sees only the teacher's
+own layer inputs, but with understudies upstream a layer's inputs drift and errors compound;
+training through the model at high substitution fractions exposes each understudy to the inputs
+it will actually get and weights its errors by what they do to the prediction. The teacher's
+log-probs are computed once and cached (fp16), so a step costs one substituted forward+backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+
+from moe_understudy.config import EndToEndConfig
+from moe_understudy.understudy.layerwise import cosine_lr
+from moe_understudy.understudy.losses import kl_loss, relative_loss
+from moe_understudy.understudy.replace import substituted
+
+
+@dataclass(frozen=True)
+class EndToEndResult:
+    """What the end-to-end stage did."""
+
+    kl_before: float  # held-out KL at full replacement, before the stage
+    kl_after: float  # the same after the stage
+    steps: int
+    history: list[tuple[int, float]] = field(
+        default_factory=list
+    )  # (step, mean training loss since last entry)
+
+
+@torch.no_grad()
+def teacher_targets(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cached teacher outputs for `blocks` (N, S): log-probs (N, S, V) fp16 and, with `hidden`, last hidden states (N, S, H) fp16."""
+    device = next(model.parameters()).device
+    logps, states = [], []
+    for s in range(0, len(blocks), batch_size):
+        out = model(input_ids=blocks[s : s + batch_size].to(device), output_hidden_states=hidden)
+        logps.append(torch.log_softmax(out.logits.float(), dim=-1).half().cpu())
+        if hidden:
+            states.append(out.hidden_states[-1].half().cpu())
+    return torch.cat(logps), (torch.cat(states) if hidden else None)
+
+
+@torch.no_grad()
+def replacement_kl(
+    model: nn.Module,
+    understudies: dict[int, nn.Module],
+    blocks: torch.Tensor,
+    fraction: float = 1.0,
+    direction: str = "forward",
+    batch_size: int = 8,
+    seed: int = 0,
+) -> float:
+    """Mean per-position KL between the full model and the model with understudies substituted at `fraction`."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with substituted(model, understudies, fraction=1.0, seed=seed) as wrappers:
+        for s in range(0, len(blocks), batch_size):
+            ids = blocks[s : s + batch_size].to(device)
+            for w in wrappers:
+                w.fraction = 0.0
+            teacher = model(input_ids=ids).logits
+            for w in wrappers:
+                w.fraction = fraction
+            student = model(input_ids=ids).logits
+            total += kl_loss(student, teacher, direction=direction).item() * ids.numel()
+            count += ids.numel()
+    return total / max(1, count)
+
+
+def _step_loss(
+    model: nn.Module,
+    ids: torch.Tensor,
+    target_logp: torch.Tensor,
+    target_hidden: torch.Tensor | None,
+    cfg: EndToEndConfig,
+) -> torch.Tensor:
+    out = model(input_ids=ids, output_hidden_states=target_hidden is not None)
+    loss = kl_loss(out.logits, target_logp.float(), direction=cfg.direction)
+    if target_hidden is not None:
+        h = out.hidden_states[-1]
+        loss = loss + cfg.hidden_weight * relative_loss(
+            h.reshape(-1, h.shape[-1]), target_hidden.reshape(-1, h.shape[-1]).float()
+        )
+    return loss
+
+
+def train_end_to_end(
+    model: nn.Module,
+    understudies: dict[int, nn.Module],
+    train_blocks: torch.Tensor,
+    cfg: EndToEndConfig,
+    val_blocks: torch.Tensor | None = None,
+    console: Console | None = None,
+) -> EndToEndResult:
+    """Train `understudies` in place through the frozen `model` on `train_blocks` (N, S).
+
+    The model's parameters are frozen for the duration and restored to their previous
+    `requires_grad` afterwards. `val_blocks` (default: the first training blocks) measure the
+    full-replacement KL before and after.
+    """
+    device = next(model.parameters()).device
+    blocks = train_blocks[: cfg.blocks]
+    check = (val_blocks if val_blocks is not None else blocks)[: cfg.eval_blocks]
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    was_training = model.training
+    model.eval()
+    params = [p for m in understudies.values() for p in m.parameters()]
+    try:
+        kl_before = replacement_kl(model, understudies, check, direction=cfg.direction, seed=cfg.seed)
+        target_logp, target_hidden = teacher_targets(
+            model, blocks, cfg.batch_size, hidden=cfg.hidden_weight > 0
+        )
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        history: list[tuple[int, float]] = []
+        running, seen = 0.0, 0
+        for m in understudies.values():
+            m.train()
+        progress = Progress(
+            TextColumn("[bold]end-to-end[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+            disable=console is None,
+        )
+        with progress, substituted(model, understudies, seed=cfg.seed) as wrappers:
+            task = progress.add_task("", total=cfg.steps, loss=math.nan)
+            log_every = max(1, cfg.steps // 20)
+            for step in range(cfg.steps):
+                fraction = (
+                    cfg.fraction_min
+                    + (cfg.fraction_max - cfg.fraction_min) * torch.rand((), generator=gen).item()
+                )
+                for w in wrappers:
+                    w.fraction = fraction
+                rows = torch.randint(0, len(blocks), (min(cfg.batch_size, len(blocks)),), generator=gen)
+                for group in opt.param_groups:
+                    group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
+                loss = _step_loss(
+                    model,
+                    blocks[rows].to(device),
+                    target_logp[rows].to(device),
+                    None if target_hidden is None else target_hidden[rows].to(device),
+                    cfg,
+                )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                running, seen = running + loss.item(), seen + 1
+                if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
+                    history.append((step + 1, running / seen))
+                    progress.update(task, loss=running / seen)
+                    running, seen = 0.0, 0
+                progress.advance(task)
+        for m in understudies.values():
+            m.eval()
+        kl_after = replacement_kl(model, understudies, check, direction=cfg.direction, seed=cfg.seed)
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return EndToEndResult(kl_before=kl_before, kl_after=kl_after, steps=cfg.steps, history=history)

@@ -1,0 +1,408 @@
+"""Compact stand-ins for the routed part of one MoE layer.
+
+An `Understudy` maps block inputs x (T, H) to an approximation of the layer's ROUTED output
+(shared experts excluded: they stay local and are always computed). `Shadows` is the finer-grained
+variant: one small stand-in per expert, called like `MoELayer.experts(x, indices, weights)`.
+
+Every module reports `param_count()` and `flops_per_token()` (multiply-adds x2) so its cost can be
+stated next to the layer's active routed-expert FLOPs (`cost_ratio`). `config()` returns the
+keyword arguments that rebuild the same shapes; `io.py` stores it next to the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_understudy.errors import UserError
+from moe_understudy.moe.adapters import MoELayer
+
+ARCHS = ("dense", "lowrank", "merged", "small_moe", "shadows")
+
+
+class Understudy(nn.Module):
+    """Base class: x (T, H) -> (T, H) approximating one MoE layer's routed output."""
+
+    arch: str = "?"
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Keyword arguments of `from_config` that rebuild this module's shapes."""
+        raise NotImplementedError  # pragma: no cover
+
+
+def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x (T, H), gate_up (2I, H), down (H, I) -> (T, H): down(silu(gate x) * up x)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # (T, I) each
+    return F.linear(F.silu(gate) * up, down)
+
+
+def _init_linear(weight: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
+    nn.init.normal_(weight, std=scale / math.sqrt(fan_in))
+
+
+class DenseUnderstudy(Understudy):
+    """SwiGLU MLP H -> I -> H. Arch "merged" is the same module warm-started from the experts."""
+
+    def __init__(self, hidden_size: int, intermediate: int, arch: str = "dense") -> None:
+        super().__init__(hidden_size)
+        if intermediate <= 0:
+            raise UserError(f"The dense understudy needs a positive intermediate size, got {intermediate}.")
+        self.arch = arch
+        self.intermediate = intermediate
+        self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden_size))  # (2I, H) gate rows then up
+        self.down = nn.Parameter(torch.empty(hidden_size, intermediate))  # (H, I)
+        _init_linear(self.gate_up, hidden_size)
+        _init_linear(
+            self.down, intermediate, scale=0.1
+        )  # small output at start: error begins near 1, not above
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _swiglu(x, self.gate_up, self.down)
+
+    def flops_per_token(self) -> int:
+        return 2 * 3 * self.hidden_size * self.intermediate
+
+    def config(self) -> dict[str, Any]:
+        return {"hidden_size": self.hidden_size, "intermediate": self.intermediate, "arch": self.arch}
+
+
+class LowRankUnderstudy(Understudy):
+    """SwiGLU whose projections pass through a rank-r bottleneck; the intermediate stays wide.
+
+    z = A x (r); h = silu(G z) * (U z) (I); y = B (D h)  with A (r, H), G/U (I, r), D (r, I), B (H, r).
+    Costs 2 (2 H r + 3 r I) FLOPs per token: the tightest budgets keep a wide nonlinearity.
+    """
+
+    arch = "lowrank"
+
+    def __init__(self, hidden_size: int, rank: int, intermediate: int) -> None:
+        super().__init__(hidden_size)
+        if rank <= 0 or intermediate <= 0:
+            raise UserError(
+                f"The lowrank understudy needs positive rank and intermediate, got {rank}, {intermediate}."
+            )
+        self.rank = rank
+        self.intermediate = intermediate
+        self.inp = nn.Parameter(torch.empty(rank, hidden_size))  # A (r, H)
+        self.gate_up = nn.Parameter(torch.empty(2 * intermediate, rank))  # G;U (2I, r)
+        self.mid = nn.Parameter(torch.empty(rank, intermediate))  # D (r, I)
+        self.out = nn.Parameter(torch.empty(hidden_size, rank))  # B (H, r)
+        _init_linear(self.inp, hidden_size)
+        _init_linear(self.gate_up, rank)
+        _init_linear(self.mid, intermediate)
+        _init_linear(self.out, rank, scale=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.inp)  # (T, r)
+        return F.linear(_swiglu(z, self.gate_up, self.mid), self.out)  # (T, r) -> (T, H)
+
+    def flops_per_token(self) -> int:
+        return 2 * (2 * self.hidden_size * self.rank + 3 * self.rank * self.intermediate)
+
+    def config(self) -> dict[str, Any]:
+        return {"hidden_size": self.hidden_size, "rank": self.rank, "intermediate": self.intermediate}
+
+
+def _batched_experts(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted sum of SwiGLU experts: x (T, H), indices/weights (T, k), gate_up (E, 2I, H), down (E, H, I).
+
+    An index equal to E (or any out-of-range id) is skipped, as in `MoELayer.experts`.
+    """
+    out = torch.zeros_like(x)
+    num_experts = gate_up.shape[0]
+    for e in range(num_experts):
+        token, slot = torch.where(indices == e)  # assignments of expert e
+        if token.numel() == 0:
+            continue
+        y = _swiglu(x[token], gate_up[e], down[e]) * weights[token, slot, None].to(x.dtype)
+        out = out.index_add(0, token, y)
+    return out
+
+
+class SmallMoEUnderstudy(Understudy):
+    """Fewer, smaller SwiGLU experts with their own softmax top-k router (MoE-to-MoE)."""
+
+    arch = "small_moe"
+
+    def __init__(self, hidden_size: int, num_experts: int, intermediate: int, top_k: int) -> None:
+        super().__init__(hidden_size)
+        if not 0 < top_k <= num_experts or intermediate <= 0:
+            raise UserError(
+                f"small_moe needs 0 < top_k <= num_experts and a positive intermediate, got top_k={top_k}, "
+                f"num_experts={num_experts}, intermediate={intermediate}."
+            )
+        self.num_experts = num_experts
+        self.intermediate = intermediate
+        self.top_k = top_k
+        self.router = nn.Parameter(torch.empty(num_experts, hidden_size))  # (E', H)
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden_size))  # (E', 2I', H)
+        self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate))  # (E', H, I')
+        _init_linear(self.router, hidden_size)
+        _init_linear(self.gate_up, hidden_size)
+        _init_linear(self.down, intermediate, scale=0.1)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, H) -> (weights (T, k) renormalised softmax top-k, indices (T, k))."""
+        probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)  # (T, E')
+        top, idx = probs.topk(self.top_k, dim=-1)
+        return top / top.sum(dim=-1, keepdim=True), idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, indices = self.route(x)
+        return _batched_experts(x, indices, weights, self.gate_up, self.down)
+
+    def flops_per_token(self) -> int:
+        return (
+            2 * self.hidden_size * self.num_experts
+            + self.top_k * 2 * 3 * self.hidden_size * self.intermediate
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_experts": self.num_experts,
+            "intermediate": self.intermediate,
+            "top_k": self.top_k,
+        }
+
+
+class Shadows(Understudy):
+    """One compressed stand-in per expert, S_e(x) ~ E_e(x): narrow SwiGLU ("swiglu") or rank-r linear ("lowrank").
+
+    `forward(x, indices, weights)` has the contract of `MoELayer.experts`; `per_assignment` gives
+    unweighted outputs for a flat list of (token, expert) assignments.
+    """
+
+    arch = "shadows"
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, kind: str = "swiglu", width: int = 64
+    ) -> None:
+        super().__init__(hidden_size)
+        if kind not in ("swiglu", "lowrank"):
+            raise UserError(f"Unknown shadow kind {kind!r}; use 'swiglu' or 'lowrank'.")
+        if width <= 0:
+            raise UserError(f"Shadow width (intermediate or rank) must be positive, got {width}.")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.kind = kind
+        self.width = width
+        rows = 2 * width if kind == "swiglu" else width
+        self.inp = nn.Parameter(torch.empty(num_experts, rows, hidden_size))  # (E, 2w or w, H)
+        self.out = nn.Parameter(torch.empty(num_experts, hidden_size, width))  # (E, H, w)
+        _init_linear(self.inp, hidden_size)
+        _init_linear(self.out, width, scale=0.1)
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Shadow of expert e on x (A, H) -> (A, H)."""
+        if self.kind == "swiglu":
+            return _swiglu(x, self.inp[e], self.out[e])
+        return F.linear(F.linear(x, self.inp[e]), self.out[e])
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """x (T, H), indices/weights (T, k) -> (T, H); an index equal to num_experts is skipped."""
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(indices == e)
+            if token.numel():
+                out = out.index_add(
+                    0, token, self._expert(x[token], e) * weights[token, slot, None].to(x.dtype)
+                )
+        return out
+
+    def per_assignment(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """x (A, H), expert (A,) -> (A, H) unweighted shadow outputs, one row per assignment."""
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            rows = torch.where(expert == e)[0]
+            if rows.numel():
+                out = out.index_copy(0, rows, self._expert(x[rows], e))
+        return out
+
+    def flops_per_assignment(self) -> int:
+        per = 3 if self.kind == "swiglu" else 2
+        return 2 * per * self.hidden_size * self.width
+
+    def flops_per_token(self) -> int:
+        """A token whose every assignment is shadowed: top_k shadows."""
+        return self.top_k * self.flops_per_assignment()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "kind": self.kind,
+            "width": self.width,
+        }
+
+
+_CLASSES: dict[str, type[Understudy]] = {
+    "dense": DenseUnderstudy,
+    "merged": DenseUnderstudy,
+    "lowrank": LowRankUnderstudy,
+    "small_moe": SmallMoEUnderstudy,
+    "shadows": Shadows,
+}
+
+
+def from_config(arch: str, config: dict[str, Any]) -> Understudy:
+    """Rebuild an (untrained) module of `arch` from its `config()`; used when loading saved weights."""
+    if arch not in _CLASSES:
+        raise UserError(f"Unknown understudy arch {arch!r}; choose one of: {', '.join(ARCHS)}.")
+    return _CLASSES[arch](**config)
+
+
+def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: Any) -> Understudy:
+    """A fresh understudy of `arch` sized for `layer`.
+
+    dense:     intermediate (default: one expert's)
+    lowrank:   rank (default H // 8), intermediate (default: one expert's)
+    merged:    intermediate (default: one expert's), usage (E,) router weight mass per expert (required)
+    small_moe: num_experts (default E // 2), intermediate (default I // 2), top_k (default the layer's),
+               init "random" | "teacher" (copy the router rows and expert units of the most-used experts)
+    shadows:   kind "swiglu" | "lowrank", width (default I // 4), init "teacher" | "random"
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    H, inter, E, k = layer.hidden_size, layer.expert_intermediate_size, layer.num_experts, layer.top_k
+    kw = {key: v for key, v in kw.items() if v is not None}
+    if arch == "dense":
+        return DenseUnderstudy(H, int(kw.pop("intermediate", inter)))
+    if arch == "lowrank":
+        return LowRankUnderstudy(H, int(kw.pop("rank", max(1, H // 8))), int(kw.pop("intermediate", inter)))
+    if arch == "merged":
+        usage = kw.pop("usage", None)
+        if usage is None:
+            raise UserError(
+                "The merged understudy needs expert usage frequencies; build it from a capture store."
+            )
+        module = DenseUnderstudy(H, int(kw.pop("intermediate", inter)), arch="merged")
+        merge_experts_into(module, layer, torch.as_tensor(usage, dtype=torch.float32))
+        return module
+    if arch == "small_moe":
+        init = kw.pop("init", "random")
+        module = SmallMoEUnderstudy(
+            H,
+            int(kw.pop("num_experts", max(1, E // 2))),
+            int(kw.pop("intermediate", max(1, inter // 2))),
+            int(kw.pop("top_k", min(k, max(1, E // 2)))),
+        )
+        if init == "teacher":
+            copy_teacher_experts(module, layer, kw.pop("usage", None))
+        return module
+    if arch == "shadows":
+        init = kw.pop("init", "teacher")
+        module = Shadows(
+            H, E, k, kind=str(kw.pop("kind", "swiglu")), width=int(kw.pop("width", max(1, inter // 4)))
+        )
+        if init == "teacher":
+            shadows_from_experts(module, layer)
+        return module
+    raise UserError(f"Unknown understudy arch {arch!r}; choose one of: {', '.join(ARCHS)}.")
+
+
+def cost_ratio(module: nn.Module, layer: MoELayer) -> float:
+    """Understudy FLOPs per token over the layer's active routed-expert FLOPs per token."""
+    return module.flops_per_token() / layer.active_expert_flops_per_token()
+
+
+# ---- warm starts from the teacher's experts ------------------------------------------------------
+
+
+def _unit_importance(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """(I,) a rough size of each SwiGLU unit's contribution: |gate row| |up row| |down column|."""
+    return gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)
+
+
+@torch.no_grad()
+def merge_experts_into(module: DenseUnderstudy, layer: MoELayer, usage: torch.Tensor) -> None:
+    """Initialise a dense SwiGLU from the usage-weighted merge of the layer's experts.
+
+    The routed output is about sum_e pi_e E_e(x) with pi_e the expert's share of router weight.
+    Experts are split into m = I_u // I groups (most used first, dealt round-robin); each group is
+    averaged with weights pi_e / Pi_g into one SwiGLU of I units whose down projection is scaled by
+    the group's share Pi_g; the m groups sit side by side. When I_u < I the merged expert keeps its
+    I_u most important units; leftover units (I_u mod I) keep their small random init.
+    """
+    E, inter = layer.num_experts, layer.expert_intermediate_size
+    if usage.shape != (E,):
+        raise UserError(f"usage must hold one value per expert ({E}), got shape {tuple(usage.shape)}.")
+    share = usage.clamp_min(0) / usage.clamp_min(0).sum().clamp_min(1e-12)  # pi_e, sums to 1
+    order = torch.argsort(share, descending=True)
+    groups = max(1, min(E, module.intermediate // inter))
+    for g in range(groups):
+        members = order[g::groups]
+        w = share[members] / share[members].sum().clamp_min(1e-12)
+        gate = sum(w[j] * layer.expert_weights(int(e))[0] for j, e in enumerate(members))
+        up = sum(w[j] * layer.expert_weights(int(e))[1] for j, e in enumerate(members))
+        down = (
+            sum(w[j] * layer.expert_weights(int(e))[2] for j, e in enumerate(members)) * share[members].sum()
+        )
+        width = min(inter, module.intermediate)
+        keep = _unit_importance(gate, up, down).topk(width).indices if width < inter else torch.arange(inter)
+        lo = g * width
+        module.gate_up[lo : lo + width] = gate[keep].float()
+        module.gate_up[module.intermediate + lo : module.intermediate + lo + width] = up[keep].float()
+        module.down[:, lo : lo + width] = down[:, keep].float()
+
+
+@torch.no_grad()
+def copy_teacher_experts(
+    module: SmallMoEUnderstudy, layer: MoELayer, usage: torch.Tensor | None = None
+) -> None:
+    """Warm start: router rows and the most important units of the most-used teacher experts.
+
+    With the teacher's own sizes (same E, I, top_k) on a softmax-top-k family this is an exact copy.
+    """
+    gate_w = layer.block.gate.weight  # (E, H)
+    E = layer.num_experts
+    order = torch.arange(E) if usage is None else torch.argsort(torch.as_tensor(usage), descending=True)
+    for j, e in enumerate(order[: module.num_experts].tolist()):
+        gate, up, down = layer.expert_weights(e)
+        width = module.intermediate
+        keep = (
+            torch.arange(gate.shape[0])
+            if width >= gate.shape[0]
+            else _unit_importance(gate, up, down).topk(width).indices
+        )
+        n = keep.numel()
+        module.router[j] = gate_w[e].float()
+        module.gate_up[j, :n] = gate[keep].float()
+        module.gate_up[j, width : width + n] = up[keep].float()
+        module.down[j, :, :n] = down[:, keep].float()
+
+
+@torch.no_grad()
+def shadows_from_experts(module: Shadows, layer: MoELayer) -> None:
+    """Warm start each "swiglu" shadow from its own expert's most important units."""
+    for e in range(module.num_experts):
+        gate, up, down = (w.float() for w in layer.expert_weights(e))
+        w = module.width
+        if module.kind == "swiglu":
+            keep = _unit_importance(gate, up, down).topk(min(w, gate.shape[0])).indices
+            n = keep.numel()
+            module.inp[e, :n] = gate[keep]
+            module.inp[e, w : w + n] = up[keep]
+            module.out[e, :, :n] = down[:, keep]
+        # "lowrank" shadows keep their random init: SwiGLU has no linear part at 0 to start from.

@@ -1,0 +1,179 @@
+"""Layer-wise fitting, end-to-end KL training, joint hook: each reduces what it optimises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_understudy.config import EndToEndConfig
+from moe_understudy.moe.adapters import find_moe_layers
+from moe_understudy.moe.presets import build_model, tiny_config
+from moe_understudy.understudy.e2e import replacement_kl, train_end_to_end
+from moe_understudy.understudy.joint import JointUnderstudies, JointUnderstudyCallback
+from moe_understudy.understudy.layerwise import fit_layer, held_out_error
+from moe_understudy.understudy.losses import cosine_loss
+from moe_understudy.understudy.modules import build_understudy
+from moe_understudy.understudy.replace import substituted
+
+
+@pytest.mark.parametrize(
+    ("arch", "loss"), [("dense", "mse"), ("lowrank", "relative"), ("shadows", "relative")]
+)
+def test_layerwise_training_reduces_held_out_error(tiny_layer, routed_rows, arch, loss):
+    train, val = routed_rows(tiny_layer, n=1024, seed=1), routed_rows(tiny_layer, n=256, seed=2)
+    kw = {"init": "random", "width": 8} if arch == "shadows" else {}
+    module = build_understudy(arch, tiny_layer, seed=0, **kw)
+    fit = fit_layer(
+        module, train, val, loss=loss, steps=100, batch_tokens=256, lr=3e-3, warmup=10, eval_every=50
+    )
+    assert fit.val_error < 0.7 * fit.val_error_start
+    assert held_out_error(module, val) == pytest.approx(fit.val_error, rel=1e-5)  # best weights are kept
+
+
+def test_layerwise_cosine_training_aligns_directions(tiny_layer, routed_rows):
+    train, val = routed_rows(tiny_layer, n=1024, seed=1), routed_rows(tiny_layer, n=256, seed=2)
+    module = build_understudy("dense", tiny_layer, seed=0)
+    with torch.no_grad():
+        before = cosine_loss(module(val["x"]), val["y"]).item()
+    fit_layer(
+        module, train, val, loss="cosine", steps=100, batch_tokens=256, lr=1e-2, warmup=10, eval_every=100
+    )
+    with torch.no_grad():
+        assert cosine_loss(module(val["x"]), val["y"]).item() < 0.85 * before
+
+
+def test_early_stop_keeps_the_best_weights_and_stops_when_nothing_improves(tiny_layer, routed_rows):
+    rows = routed_rows(tiny_layer, n=256)
+    module = build_understudy(
+        "small_moe", tiny_layer, num_experts=4, intermediate=32, top_k=2, init="teacher"
+    )
+    fit = fit_layer(module, rows, rows, steps=1000, lr=1e-2, eval_every=10, patience=2)
+    assert fit.val_error_start < 1e-10  # exact copy
+    assert fit.steps == 20  # two checks without improvement
+    assert held_out_error(module, rows) < 1e-10  # the exact copy is what is kept
+
+
+def test_full_substitution_with_an_exact_copy_changes_nothing(tiny_model):
+    understudies = {
+        ly.index: build_understudy("small_moe", ly, num_experts=4, intermediate=32, top_k=2, init="teacher")
+        for ly in find_moe_layers(tiny_model)
+    }
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tiny_model(input_ids=ids).logits
+        with substituted(tiny_model, understudies, fraction=1.0):
+            got = tiny_model(input_ids=ids).logits
+        again = tiny_model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, want)  # the model is restored
+
+
+@pytest.mark.parametrize("arch", ["dense", "shadows"])
+def test_partial_substitution_serves_some_tokens_from_the_understudy(tiny_model, arch):
+    understudies = {
+        ly.index: build_understudy(arch, ly, seed=0, init="random")
+        if arch == "shadows"
+        else build_understudy(arch, ly, seed=0)
+        for ly in find_moe_layers(tiny_model)
+    }
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids).logits
+        with substituted(tiny_model, understudies, fraction=0.0):
+            none = tiny_model(input_ids=ids).logits
+        with substituted(tiny_model, understudies, fraction=0.5):
+            half = tiny_model(input_ids=ids).logits
+        with substituted(tiny_model, understudies, fraction=1.0):
+            every = tiny_model(input_ids=ids).logits
+    torch.testing.assert_close(none, full, rtol=1e-5, atol=1e-6)
+    assert (half - full).abs().max() > 1e-3
+    assert (half - every).abs().max() > 1e-3
+
+
+def test_end_to_end_reduces_the_kl_it_optimises():
+    model = build_model(tiny_config("mixtral", num_layers=2), seed=0)
+    understudies = {
+        ly.index: build_understudy("dense", ly, seed=0, intermediate=16) for ly in find_moe_layers(model)
+    }
+    blocks = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(0))
+    cfg = EndToEndConfig(
+        steps=60, blocks=8, batch_size=4, lr=3e-3, warmup=5, fraction_min=1.0, fraction_max=1.0, eval_blocks=8
+    )
+    params_before = [p.clone() for p in model.parameters()]
+    result = train_end_to_end(model, understudies, blocks, cfg)
+    assert result.kl_after < 0.5 * result.kl_before
+    assert result.kl_after == pytest.approx(replacement_kl(model, understudies, blocks), rel=1e-4)
+    assert all(
+        torch.equal(a, b) for a, b in zip(params_before, model.parameters(), strict=True)
+    )  # teacher frozen
+    assert all(p.requires_grad for p in model.parameters())  # and given back as it was
+
+
+def test_end_to_end_with_reverse_kl_and_hidden_term_also_reduces_its_kl():
+    model = build_model(tiny_config("qwen2_moe", num_layers=2), seed=0)
+    understudies = {ly.index: build_understudy("lowrank", ly, seed=0) for ly in find_moe_layers(model)}
+    blocks = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(0))
+    cfg = EndToEndConfig(
+        steps=40,
+        blocks=8,
+        batch_size=4,
+        lr=3e-3,
+        warmup=5,
+        direction="reverse",
+        hidden_weight=0.5,
+        eval_blocks=8,
+    )
+    result = train_end_to_end(model, understudies, blocks, cfg)
+    assert result.kl_after < 0.7 * result.kl_before
+
+
+def test_joint_loss_trains_understudies_only_and_leaves_model_gradients_alone(tiny_model):
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    tiny_model.zero_grad()
+    tiny_model(input_ids=ids, labels=ids).loss.backward()
+    plain = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+
+    joint = JointUnderstudies(tiny_model, arch="dense", intermediate=16).attach()
+    loss = tiny_model(input_ids=ids, labels=ids).loss + joint.loss()
+    loss.backward()
+    for a, p in zip(plain, tiny_model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, a)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in joint.parameters())
+    tiny_model.zero_grad()
+
+    opt = torch.optim.AdamW(joint.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        with torch.no_grad():
+            tiny_model(input_ids=ids)  # no-grad forwards are not recorded
+        assert joint.loss().item() == 0.0
+        tiny_model(input_ids=ids)
+        value = joint.loss()
+        first = value.item() if first is None else first
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    assert value.item() < 0.5 * first
+    joint.detach()
+    tiny_model(input_ids=ids)
+    assert joint.loss().item() == 0.0  # detached: nothing recorded
+    assert set(joint.understudies) == {ly.index for ly in find_moe_layers(tiny_model)}
+
+
+def test_trainer_callback_steps_the_understudies_once_per_model_step(tiny_model):
+    joint = JointUnderstudies(tiny_model, arch="dense", intermediate=8)
+    callback = JointUnderstudyCallback(joint, lr=1e-2)
+    before = [p.clone() for p in joint.parameters()]
+    callback.on_train_begin(None, None, None)
+    ids = torch.randint(0, 97, (2, 12))
+    tiny_model(input_ids=ids)
+    callback.on_step_end(None, None, None)
+    assert callback.last_loss > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, joint.parameters(), strict=True))
+    logs = {}
+    callback.on_log(None, None, None, logs=logs)
+    assert logs["understudy_loss"] == callback.last_loss
+    callback.on_train_end(None, None, None)
+    tiny_model(input_ids=ids)
+    assert joint.loss().item() == 0.0
