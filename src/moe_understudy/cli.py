@@ -129,6 +129,148 @@ def inspect(
 # ---- end section: foundation -------------------------------------------------------------------
 
 # ---- section: understudies (capture, distill) --------------------------------------------------
+def _understudy_data(model: str, data: Optional[str], block_size: Optional[int], max_chars: Optional[int]):
+    """The model's own training DataConfig (teacher.yaml) with any given overrides."""
+    from moe_understudy.capture import default_data_config
+
+    return default_data_config(model).replace(**_given(source=data, block_size=block_size, max_chars=max_chars))
+
+
+@app.command()
+@user_errors
+def capture(
+    model: Annotated[str, typer.Argument(help="Model folder (from `understudy teacher`) or a transformers MoE checkpoint.")],
+    out: Annotated[Path, typer.Option(help="Store folder to write: manifest.json plus train/ and val/ safetensors shards.")],
+    data: Annotated[Optional[str], typer.Option(help="Text to run through the model (default: the corpus the teacher was trained on, else 'stdlib').")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Training tokens to capture (default 65536).")] = None,
+    val_tokens: Annotated[Optional[int], typer.Option(help="Held-out tokens to capture from the corpus' validation split (default 8192).")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Tokens per block (default: the teacher's).")] = None,
+    max_chars: Annotated[Optional[int], typer.Option(help="Cap on corpus characters read.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Blocks per forward pass (default 8).")] = None,
+    shard_tokens: Annotated[Optional[int], typer.Option(help="Rows per shard file (default 16384).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Stored dtype: float32, float16 or bfloat16 (default float32).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Read options from a capture.yaml (flags given here override it).")] = None,
+) -> None:
+    """Record each MoE layer's input, routed output, router logits and top-k into a sharded store."""
+    from moe_understudy.capture import run_capture
+    from moe_understudy.config import CaptureConfig
+
+    base = CaptureConfig.from_yaml(config) if config else CaptureConfig(data=_understudy_data(model, data, block_size, max_chars))
+    if config:
+        base = base.replace(data=base.data.replace(**_given(source=data, block_size=block_size, max_chars=max_chars)))
+    cfg = base.replace(
+        model=model,
+        out=str(out),
+        **_given(tokens=tokens, val_tokens=val_tokens, batch_size=batch_size, shard_tokens=shard_tokens, dtype=dtype),
+    )
+    store = run_capture(cfg, console=console)
+    console.print(
+        f"[bold green]store written to {store.path}[/]: layers {store.layers}, {store.tokens('train'):,} train and "
+        f"{store.tokens('val'):,} held-out tokens in {store.manifest['seconds']:.1f} s"
+    )
+
+
+@app.command()
+@user_errors
+def distill(
+    model: Annotated[str, typer.Argument(help="The model the store was captured from.")],
+    store: Annotated[Path, typer.Option(help="Capture store folder (from `understudy capture`).")],
+    out: Annotated[Path, typer.Option(help="Output folder: understudies (safetensors + config.json), report.json, layer-wise copies.")],
+    arch: Annotated[Optional[str], typer.Option(help="dense (SwiGLU), lowrank, merged (warm start from usage-weighted experts), small_moe or shadows (default dense).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Layer-wise loss: mse, cosine or relative (default mse).")] = None,
+    intermediate: Annotated[Optional[int], typer.Option(help="Intermediate size of dense/merged/lowrank/small_moe (default: one expert's; small_moe half).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="lowrank: bottleneck rank (default hidden/8).")] = None,
+    num_experts: Annotated[Optional[int], typer.Option(help="small_moe: number of experts (default half the layer's).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="small_moe: experts per token (default the layer's).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="shadows: per-expert intermediate (swiglu) or rank (lowrank) (default expert intermediate / 4).")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="shadows: swiglu or lowrank (default swiglu).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Layer-wise steps per layer, an upper bound under early stopping (default 1500).")] = None,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="Captured rows per layer-wise step (default 1024).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Layer-wise peak AdamW learning rate (default 3e-3).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between held-out relative-error checks (default 100).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop a layer after this many checks without improvement (default 5).")] = None,
+    e2e_steps: Annotated[Optional[int], typer.Option(help="End-to-end KL steps through the frozen model after the layer-wise fit (default 0 = off).")] = None,
+    e2e_lr: Annotated[Optional[float], typer.Option(help="End-to-end peak learning rate (default 3e-4).")] = None,
+    e2e_blocks: Annotated[Optional[int], typer.Option(help="Training blocks whose teacher log-probs are cached for end-to-end (default 128).")] = None,
+    e2e_batch_size: Annotated[Optional[int], typer.Option(help="Blocks per end-to-end step (default 8).")] = None,
+    e2e_fraction_min: Annotated[Optional[float], typer.Option(help="Lowest fraction of tokens substituted per end-to-end step (default 0.5).")] = None,
+    e2e_fraction_max: Annotated[Optional[float], typer.Option(help="Highest fraction of tokens substituted per end-to-end step (default 1.0).")] = None,
+    e2e_direction: Annotated[Optional[str], typer.Option(help="KL direction: forward KL(teacher||model) or reverse (default forward).")] = None,
+    e2e_hidden_weight: Annotated[Optional[float], typer.Option(help="Weight of a last-hidden-state matching term added to the KL (default 0).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Text for end-to-end training and the perplexity check (default: the teacher's corpus).")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Tokens per block for end-to-end and evaluation (default: the teacher's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a run in --out: finished layers (and a finished end-to-end stage) are kept.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="Read options from a distill.yaml (flags given here override it).")] = None,
+) -> None:
+    """Distil one understudy per MoE layer from a capture store (layer-wise, then optionally end-to-end)."""
+    from moe_understudy.config import DistillConfig, EndToEndConfig
+    from moe_understudy.understudy.distill import run_distill
+
+    base = DistillConfig.from_yaml(config) if config else DistillConfig(e2e=EndToEndConfig(data=_understudy_data(model, None, None, None)))
+    e2e = base.e2e.replace(
+        data=base.e2e.data.replace(**_given(source=data, block_size=block_size)),
+        **_given(
+            steps=e2e_steps,
+            lr=e2e_lr,
+            blocks=e2e_blocks,
+            batch_size=e2e_batch_size,
+            fraction_min=e2e_fraction_min,
+            fraction_max=e2e_fraction_max,
+            direction=e2e_direction,
+            hidden_weight=e2e_hidden_weight,
+        ),
+    )
+    cfg = base.replace(
+        model=model,
+        store=str(store),
+        out=str(out),
+        e2e=e2e,
+        seed=seed,
+        **_given(
+            arch=arch,
+            loss=loss,
+            intermediate=intermediate,
+            rank=rank,
+            num_experts=num_experts,
+            top_k=top_k,
+            width=width,
+            kind=kind,
+            steps=steps,
+            batch_tokens=batch_tokens,
+            lr=lr,
+            eval_every=eval_every,
+            patience=patience,
+        ),
+    )
+    result = run_distill(cfg, resume=resume, console=console)
+    console.print(f"[bold green]understudies saved to {result.out_dir}[/] (report.json holds the figures)")
+
+
+@app.command("replace-eval")
+@user_errors
+def replace_eval(
+    model: Annotated[str, typer.Argument(help="The model the understudies were distilled for.")],
+    understudies: Annotated[Path, typer.Option(help="Folder written by `understudy distill`.")],
+    data: Annotated[Optional[str], typer.Option(help="Held-out text (default: the teacher's corpus, validation split).")] = None,
+    blocks: Annotated[int, typer.Option(help="Held-out blocks to score.")] = 32,
+    block_size: Annotated[Optional[int], typer.Option(help="Tokens per block (default: the teacher's).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures as JSON here.")] = None,
+) -> None:
+    """Reload saved understudies and compare perplexity with every MoE layer fully replaced against the model."""
+    import json
+
+    from moe_understudy.understudy.distill import run_replace_eval
+
+    result = run_replace_eval(model, str(understudies), _understudy_data(model, data, block_size, None), blocks=blocks)
+    console.print(
+        f"perplexity {result['ppl_teacher']:.3f} -> {result['ppl_replaced']:.3f} with every MoE layer replaced "
+        f"({result['increase_pct']:+.2f}%), understudy cost per layer {result['cost']}"
+    )
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
 # ---- end section: understudies -----------------------------------------------------------------
 
 # ---- section: runtime (evaluate, demo) ---------------------------------------------------------
