@@ -274,6 +274,62 @@ def replace_eval(
 # ---- end section: understudies -----------------------------------------------------------------
 
 # ---- section: runtime (evaluate, demo) ---------------------------------------------------------
+def _split(text: str, kind=str, what: str = "list") -> tuple:
+    """'0.5,0.75,1' -> (0.5, 0.75, 1.0); a bad item is a UserError naming it."""
+    try:
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise UserError(f"Could not read {what} {text!r} ({err}); pass comma-separated values like 0.5,1.") from err
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Saved MoE model folder (from `understudy teacher`) with its tokenizer.")],
+    understudies: Annotated[Optional[str], typer.Option(help="Understudies folder from `understudy distill`; needed by understudy, layer, deadline and shadow.")] = None,
+    policies: Annotated[str, typer.Option(help="Comma-separated from full, drop, drop_renorm, reroute, understudy, shadow, layer, deadline.")] = "full,drop,reroute,understudy",
+    capacity: Annotated[str, typer.Option(help="Capacity factors to sweep, comma-separated: capacity = ceil(cf * tokens * k / experts) per layer and step.")] = "0.5,0.75,1,1.25",
+    priority: Annotated[str, typer.Option(help="Which assignments overflow first: position (arrival, first choices before second) or score (lowest router weight).")] = "position",
+    scenario: Annotated[str, typer.Option(help="Load scenario: natural (held-out text), domain_shift (prose unlike the training code) or hot_expert.")] = "natural",
+    hot_expert: Annotated[int, typer.Option(help="hot_expert scenario: the expert whose router logit is raised in every layer.")] = 0,
+    hot_bias: Annotated[float, typer.Option(help="hot_expert scenario: logit bias added to that expert.")] = 2.0,
+    blocks: Annotated[int, typer.Option(help="Evaluation blocks of text (held-out blocks cached with the teacher when present).")] = 64,
+    batch_size: Annotated[str, typer.Option(help="Blocks per forward step; capacity is per step. Comma-separated for a batch-size sweep.")] = "8",
+    devices: Annotated[int, typer.Option(help="Devices the experts are spread over (contiguously) when counting all-to-all bytes.")] = 4,
+    readmit: Annotated[bool, typer.Option(help="understudy policy: give capacity freed by understudy tokens back to overflow tokens that fit.")] = True,
+    threshold: Annotated[Optional[float], typer.Option(help="layer policy: max/mean expert load above which a layer uses its understudy (default: when any expert overflows).")] = None,
+    latency: Annotated[float, typer.Option(help="deadline policy: fixed dispatch + combine latency, in units of one expert assignment.")] = 0.0,
+    out: Annotated[Path, typer.Option(help="Report folder: report.json, report.png and the eval.yaml that reproduces the run.")] = Path("runs/eval"),
+    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+) -> None:
+    """Quality under load: perplexity, KL to full, agreement, bytes moved and load for each policy x capacity factor."""
+    from moe_understudy.config import EvalConfig
+    from moe_understudy.eval.quality import run_evaluation
+
+    try:
+        cfg = EvalConfig(
+            model=model,
+            understudies=understudies,
+            out=str(out),
+            policies=_split(policies, str, "policies"),
+            capacities=_split(capacity, float, "capacity factors"),
+            priority=priority,
+            scenario=scenario,
+            hot_expert=hot_expert,
+            hot_bias=hot_bias,
+            max_blocks=blocks,
+            batch_sizes=_split(batch_size, int, "batch sizes"),
+            num_devices=devices,
+            readmit=readmit,
+            threshold=threshold,
+            latency=latency,
+            device=device,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    run_evaluation(cfg, console)
+
+
 # ---- end section: runtime ----------------------------------------------------------------------
 
 # ---- section: parallel (simulate, ep) ----------------------------------------------------------

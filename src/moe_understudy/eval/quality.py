@@ -1,0 +1,204 @@
+"""Quality under load: every policy x capacity factor, side by side on the same batches.
+
+For each batch the model runs once with `full` (the reference) and once per (policy, capacity
+factor); every run is compared with the reference on the same tokens, so all systems see the same
+load. Rows report perplexity, its change vs full, KL(full || policy) per token, top-1 agreement,
+the fraction of assignments served by experts / understudies / shadows / dropped, the fraction of
+tokens degraded, all-to-all bytes per token for the expert placement, and the mean max/mean load.
+
+`run_evaluation(EvalConfig)` is the `understudy evaluate` workflow: load model (+ understudies),
+build the scenario, evaluate, write the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from moe_understudy.config import EvalConfig
+from moe_understudy.eval.metrics import kl_per_token, next_token_view, token_nll, top1_agreement
+from moe_understudy.moe.adapters import find_moe_layers
+from moe_understudy.runtime.layer import patch
+from moe_understudy.runtime.scenarios import batches, build_scenario
+from moe_understudy.runtime.stats import LoadRecorder
+
+
+@dataclass
+class _Sums:
+    """Running sums over predicted positions (exact means across batches of any size)."""
+
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: float = 0.0
+    count: int = 0
+
+    def add(self, reference: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.nll += float(token_nll(logits, targets).sum())
+        self.kl += float(kl_per_token(reference, logits).sum())
+        self.agree += float(top1_agreement(reference, logits).sum())
+        self.count += targets.numel()
+
+
+def systems(
+    policies: list[str] | tuple[str, ...], capacities: list[float] | tuple[float, ...]
+) -> list[tuple[str, float | None]]:
+    """(policy, capacity factor) pairs to run: `full` once (no capacity), every other policy at every factor."""
+    out: list[tuple[str, float | None]] = [("full", None)]
+    out += [(p, float(cf)) for p in policies if p != "full" for cf in capacities]
+    return out
+
+
+def understudy_cost(model: nn.Module, understudies: dict[int, nn.Module] | None) -> float | None:
+    """Mean over layers of understudy FLOPs per token / active routed-expert FLOPs per token."""
+    if not understudies:
+        return None
+    ratios = [
+        understudies[m.index].flops_per_token() / m.active_expert_flops_per_token()
+        for m in find_moe_layers(model)
+        if m.index in understudies and hasattr(understudies[m.index], "flops_per_token")
+    ]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+@torch.no_grad()
+def evaluate_policies(
+    model: nn.Module,
+    understudies: dict[int, nn.Module] | None,
+    blocks: torch.Tensor,
+    policies: list[str] | tuple[str, ...],
+    capacities: list[float] | tuple[float, ...],
+    priority: str = "position",
+    batch_size: int = 8,
+    num_devices: int = 4,
+    logit_bias: torch.Tensor | None = None,
+    runtime_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """One row per (policy, capacity factor); blocks (N, S) token ids, evaluated in full batches."""
+    device = next(model.parameters()).device
+    runs = systems(policies, capacities)
+    sums = {run: _Sums() for run in runs}
+    recorders = {run: LoadRecorder(num_devices=num_devices) for run in runs}
+    steps = batches(blocks, batch_size)
+    handle = patch(
+        model,
+        understudies,
+        policy="full",
+        priority=priority,
+        logit_bias=logit_bias,
+        **(runtime_options or {}),
+    )
+    bar = Progress(
+        TextColumn("[bold]evaluate[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=True,
+    )
+    try:
+        with bar:
+            task = bar.add_task(
+                f"{len(runs)} systems x {len(steps)} batches of {batch_size}", total=len(runs) * len(steps)
+            )
+            for ids in steps:
+                ids = ids.to(device)
+                reference = None
+                for run in runs:
+                    policy, cf = run
+                    handle.configure(policy=policy, capacity_factor=cf or 1.0, recorder=recorders[run])
+                    logits, targets = next_token_view(model(input_ids=ids).logits, ids)
+                    reference = logits if reference is None else reference  # `full` runs first
+                    sums[run].add(reference, logits, targets)
+                    bar.advance(task)
+    finally:
+        handle.unpatch()
+    return _rows(
+        runs, sums, recorders, priority, batch_size, num_devices, understudy_cost(model, understudies)
+    )
+
+
+def _rows(runs, sums, recorders, priority, batch_size, num_devices, cost) -> list[dict[str, Any]]:
+    import math
+
+    base = math.exp(sums[runs[0]].nll / sums[runs[0]].count)
+    rows = []
+    for run in runs:
+        s, load = sums[run], recorders[run].summary()
+        ppl = math.exp(s.nll / s.count)
+        rows.append(
+            {
+                "policy": run[0],
+                "capacity_factor": run[1],
+                "priority": priority,
+                "batch_size": batch_size,
+                "positions": s.count,
+                "perplexity": ppl,
+                "ppl_delta_pct": 100.0 * (ppl / base - 1.0),
+                "kl": s.kl / s.count,
+                "agreement": s.agree / s.count,
+                "frac_expert": load["frac_expert"],
+                "frac_understudy": load["frac_understudy"],
+                "frac_shadow": load["frac_shadow"],
+                "frac_dropped": load["frac_dropped"],
+                "frac_tokens_degraded": load["frac_tokens_degraded"],
+                "bytes_per_token": load["bytes_per_token"],
+                "bytes_moved": load["bytes_moved"],
+                "max_over_mean": load["mean_max_over_mean"],
+                "max_served_over_mean": load["mean_max_served_over_mean"],
+                "num_devices": num_devices,
+                "understudy_cost": cost if run[0] in ("understudy", "layer", "deadline", "shadow") else None,
+            }
+        )
+    return rows
+
+
+def run_evaluation(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
+    """`understudy evaluate`: rows for every batch size of `cfg`, written as a report in `cfg.out`."""
+    from moe_understudy.report import print_table, write_report
+    from moe_understudy.teacher import load_model_and_tokenizer
+
+    console = console or Console(stderr=True)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device)
+    understudies = None
+    if cfg.understudies:
+        from moe_understudy.understudy.io import load_understudies
+
+        understudies = load_understudies(cfg.understudies, model, device=cfg.device)
+    layers = find_moe_layers(model)
+    scenario = build_scenario(cfg, layers[0].num_experts, tokenizer)
+    console.print(
+        f"scenario [bold]{scenario.name}[/]: {len(scenario.blocks)} blocks of {scenario.blocks.shape[1]} tokens, "
+        f"{len(layers)} MoE layers of {layers[0].num_experts} experts (top-{layers[0].top_k}), "
+        f"{cfg.num_devices} devices"
+    )
+    rows: list[dict[str, Any]] = []
+    for batch_size in cfg.batch_sizes:
+        for row in evaluate_policies(
+            model,
+            understudies,
+            scenario.blocks,
+            cfg.policies,
+            cfg.capacities,
+            priority=cfg.priority,
+            batch_size=batch_size,
+            num_devices=cfg.num_devices,
+            logit_bias=scenario.logit_bias,
+            runtime_options=dict(readmit=cfg.readmit, threshold=cfg.threshold, latency=cfg.latency),
+        ):
+            rows.append({"scenario": scenario.name, **row})
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(out / "eval.yaml")
+    paths = write_report(
+        rows, out, meta={"config": cfg.to_dict()}, title=f"quality under load ({scenario.name})"
+    )
+    print_table(rows, console, title=f"quality under load: {scenario.name}, priority {cfg.priority}")
+    console.print(f"report: [bold]{paths['json']}[/]  plot: [bold]{paths['png']}[/]")
+    return {"rows": rows, **paths}

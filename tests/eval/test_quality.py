@@ -1,0 +1,152 @@
+"""Quality under load: every system is compared with `full` on the same batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from moe_understudy.cli import app
+from moe_understudy.eval.quality import evaluate_policies, systems
+from moe_understudy.moe.adapters import MoELayer, find_moe_layers
+from moe_understudy.moe.presets import build_model, tiny_config
+
+
+def tiny(seed: int = 0):
+    model = build_model(tiny_config("mixtral", vocab_size=300), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in find_moe_layers(model):
+            layer.block.gate.weight.copy_(torch.randn(layer.block.gate.weight.shape, generator=g))
+            layer.block.experts.down_proj.mul_(30.0)  # make the routed part matter next to the residual
+    return model
+
+
+class CopyOfLayer(nn.Module):
+    def __init__(self, moe: MoELayer):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        r = self.moe.route(x)
+        return self.moe.experts(x, r.indices, r.weights)
+
+    def flops_per_token(self) -> int:
+        return self.moe.active_expert_flops_per_token()
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    return torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(5))
+
+
+def by_system(rows):
+    return {(r["policy"], r["capacity_factor"]): r for r in rows}
+
+
+def test_systems_run_full_once_and_every_other_policy_at_every_factor():
+    assert systems(["drop", "full", "understudy"], [0.5, 1]) == [
+        ("full", None),
+        ("drop", 0.5),
+        ("drop", 1.0),
+        ("understudy", 0.5),
+        ("understudy", 1.0),
+    ]
+
+
+def test_full_is_the_reference_and_dropping_costs_quality(blocks):
+    model = tiny()
+    rows = by_system(
+        evaluate_policies(model, None, blocks, ["drop"], [0.25, 100.0], batch_size=4, progress=False)
+    )
+    full, low, ample = rows[("full", None)], rows[("drop", 0.25)], rows[("drop", 100.0)]
+    assert full["ppl_delta_pct"] == 0 and full["kl"] == pytest.approx(0, abs=1e-7) and full["agreement"] == 1
+    assert full["positions"] == 8 * 31
+    assert low["kl"] > 1e-3 and low["frac_dropped"] > 0.3 and low["agreement"] < 1
+    assert low["bytes_per_token"] < full["bytes_per_token"]
+    assert ample["kl"] == pytest.approx(0, abs=1e-6) and ample["frac_dropped"] == 0
+    for r in rows.values():
+        total = r["frac_expert"] + r["frac_dropped"] + r["frac_understudy"] + r["frac_shadow"]
+        assert total == pytest.approx(1.0)
+
+
+def test_an_exact_understudy_keeps_full_quality_and_moves_fewer_bytes(blocks):
+    model = tiny()
+    stand_ins = {m.index: CopyOfLayer(m) for m in find_moe_layers(model)}
+    rows = by_system(
+        evaluate_policies(
+            model, stand_ins, blocks, ["understudy", "drop"], [0.5], batch_size=4, progress=False
+        )
+    )
+    u, full = rows[("understudy", 0.5)], rows[("full", None)]
+    assert u["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
+    assert u["frac_understudy"] > 0 and u["understudy_cost"] == pytest.approx(1.0)
+    assert u["bytes_per_token"] < full["bytes_per_token"]
+    assert rows[("drop", 0.5)]["ppl_delta_pct"] != pytest.approx(0.0, abs=1e-3)
+    assert not any(
+        isinstance(m.parent.mlp, nn.Module) and hasattr(m.parent.mlp, "moe") for m in find_moe_layers(model)
+    )
+
+
+def saved_model(tmp_path, blocks):
+    from moe_understudy.data.tokenizer import train_bpe
+
+    folder = tmp_path / "model"
+    model = tiny()
+    model.save_pretrained(folder)
+    train_bpe(["def f(x):\n    return x + 1\n" * 50], vocab_size=300, out_dir=folder)
+    torch.save({"train": blocks, "val": blocks}, folder / "blocks.pt")
+    return folder
+
+
+def test_cli_evaluate_writes_table_json_and_plot(tmp_path, blocks):
+    folder = saved_model(tmp_path, blocks)
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(folder),
+            "--policies",
+            "full,drop,reroute",
+            "--capacity",
+            "0.5,1",
+            "--blocks",
+            "8",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["policy"], r["capacity_factor"]) for r in report["rows"]] == systems(
+        ["drop", "reroute"], [0.5, 1.0]
+    )
+    assert (out / "report.png").stat().st_size > 0 and (out / "eval.yaml").is_file()
+
+
+def test_cli_evaluate_names_a_bad_policy_and_a_missing_understudy(tmp_path, blocks):
+    folder = saved_model(tmp_path, blocks)
+    bad = CliRunner().invoke(app, ["evaluate", str(folder), "--policies", "full,teleport"])
+    assert bad.exit_code == 2 and "teleport" in bad.output
+    missing = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(folder),
+            "--policies",
+            "understudy",
+            "--blocks",
+            "8",
+            "--batch-size",
+            "4",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
+    assert missing.exit_code == 2 and "--understudies" in missing.output
