@@ -1,0 +1,178 @@
+"""Expert parallelism over gloo on loopback: equals one process, counts its bytes, fails fast.
+
+Each test spawns N processes (torch.multiprocessing) that build the same tiny seeded model. Every
+rank computes the single-process reference on the whole batch with `runtime.layer.patch`, then the
+expert-parallel forward on its own slice, and writes what it saw to a JSON file the test reads.
+"""
+
+import json
+import os
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# Imported here, before the workers fork, so that no worker pays for importing transformers again.
+from moe_understudy.config import RuntimeConfig
+from moe_understudy.moe.adapters import find_moe_layers
+from moe_understudy.moe.presets import build_model, preset_config
+from moe_understudy.runtime.ep import EPRecorder, PeerFailure, patch_ep
+from moe_understudy.runtime.layer import patch, unpatch
+from moe_understudy.runtime.placement import plan_placement, replicate_hot_experts
+from moe_understudy.understudy.modules import build_understudy
+
+pytestmark = pytest.mark.dist
+
+# Build one model in the parent so that the model classes are loaded before forking.
+build_model(preset_config("quick", vocab_size=300), seed=0)
+
+ALL_POLICIES = ("full", "drop", "drop_renorm", "reroute", "understudy", "shadow", "layer", "deadline")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank, world, port, timeout_s=30.0):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def _stand_ins(model, policy):
+
+    arch = "shadows" if policy == "shadow" else "dense"
+    return {m.index: build_understudy(arch, m, seed=m.index, intermediate=32) for m in find_moe_layers(model)}
+
+
+def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir):
+
+    _join(rank, world, port)
+    passed = []  # (bytes of the input tensor, input splits) of every all_to_all_single call
+    real = dist.all_to_all_single
+
+    def spy(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
+        passed.append((input.numel() * input.element_size(), list(input_split_sizes)))
+        return real(output, input, output_split_sizes, input_split_sizes, **kw)
+
+    dist.all_to_all_single = spy
+    model = build_model(preset_config("quick", vocab_size=300), seed=0)
+    ids = torch.randint(0, 300, (2 * world, 16), generator=torch.Generator().manual_seed(1))
+    mine = slice(2 * rank, 2 * rank + 2)
+    if placement_kind == "replicate":
+        load = torch.tensor([[50.0, 5, 5, 5], [5, 50, 5, 5]])
+        placement = replicate_hot_experts(load, world, slots_per_rank=3 if world == 2 else 2)
+    else:
+        placement = plan_placement(2, 4, world)
+    result = {}
+    for policy in policies:
+        stand_ins = _stand_ins(model, policy)
+        with torch.no_grad():
+            patch(model, stand_ins, policy=policy, capacity_factor=0.5)
+            ref = model(input_ids=ids).logits[mine]
+            unpatch(model)
+            recorder = EPRecorder(rank, world)
+            patch_ep(
+                model,
+                placement,
+                stand_ins,
+                RuntimeConfig(policy=policy, capacity_factor=0.5),
+                recorder,
+                keep_all_experts=True,
+            )
+            passed.clear()
+            out = model(input_ids=ids[mine]).logits
+            unpatch(model)
+        result[policy] = {
+            "max_diff": float((out - ref).abs().max()),
+            "records": recorder.records,
+            "passed": list(passed),
+        }
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def _run(world, policies, placement_kind, tmp_path):
+    mp.start_processes(
+        _equivalence_worker,
+        args=(world, free_port(), policies, placement_kind, tmp_path),
+        nprocs=world,
+        start_method="fork",
+    )
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _run(2, ALL_POLICIES, "contiguous", tmp_path_factory.mktemp("ep2"))
+
+
+@pytest.mark.parametrize("policy", ALL_POLICIES)
+def test_two_rank_ep_equals_one_process(two_ranks, policy):
+    for rank in two_ranks:
+        assert rank[policy]["max_diff"] < 1e-5
+
+
+def test_four_rank_ep_with_replicated_hot_experts_equals_one_process(tmp_path):
+    ranks = _run(4, ("full", "understudy", "reroute"), "replicate", tmp_path)
+    for rank in ranks:
+        for policy in ("full", "understudy", "reroute"):
+            assert rank[policy]["max_diff"] < 1e-5
+    loads = [sum(r["rank_load"] for r in rank["full"]["records"]) for rank in ranks]
+    assert min(loads) > 0  # every rank computed expert work
+
+
+def test_byte_counters_equal_the_sizes_passed_to_all_to_all(two_ranks):
+    for rank in two_ranks:
+        for policy in ("full", "drop", "understudy"):
+            recs, passed = rank[policy]["records"], rank[policy]["passed"]
+            assert len(passed) == 2 * len(recs)  # dispatch + combine per layer
+            for rec, dispatch, combine in zip(recs, passed[0::2], passed[1::2], strict=True):
+                assert dispatch[1] == rec["send_splits"]
+                assert combine[1] == rec["recv_splits"]
+                assert dispatch[0] == rec["dispatch_send_bytes"] + rec["self_bytes"]
+                assert dispatch[0] + combine[0] == rec["passed_bytes"]
+
+
+def test_what_one_rank_sends_the_other_receives(two_ranks):
+    for policy in ("full", "understudy"):
+        a, b = two_ranks[0][policy]["records"], two_ranks[1][policy]["records"]
+        for ra, rb in zip(a, b, strict=True):
+            assert ra["send_splits"][1] == rb["recv_splits"][0]
+            assert ra["dispatch_send_bytes"] == rb["dispatch_recv_bytes"]
+
+
+def test_understudy_tokens_never_leave_their_rank(two_ranks):
+    full = sum(r["dispatch_send_bytes"] for rank in two_ranks for r in rank["full"]["records"])
+    und = sum(r["dispatch_send_bytes"] for rank in two_ranks for r in rank["understudy"]["records"])
+    tokens = sum(r["understudy_tokens"] for rank in two_ranks for r in rank["understudy"]["records"])
+    assert tokens > 0 and und < full
+
+
+def _dead_rank_worker(rank, world, port, out_dir):
+
+    _join(rank, world, port, timeout_s=3.0)
+    if rank == 1:
+        return  # this rank dies before the first collective
+    model = build_model(preset_config("quick", vocab_size=300), seed=0)
+    patch_ep(model, None, None, RuntimeConfig(), keep_all_experts=True)
+    try:
+        model(input_ids=torch.zeros(1, 8, dtype=torch.long))
+        (out_dir / "rank0.txt").write_text("no error")
+    except PeerFailure as err:
+        (out_dir / "rank0.txt").write_text(str(err))
+
+
+def test_a_dead_rank_makes_the_others_fail_with_a_clear_error(tmp_path):
+    import time
+
+    t0 = time.monotonic()
+    mp.start_processes(_dead_rank_worker, args=(2, free_port(), tmp_path), nprocs=2, start_method="fork")
+    message = (tmp_path / "rank0.txt").read_text()
+    assert "rank 0: all_gather" in message and "another rank probably died" in message
+    assert time.monotonic() - t0 < 40
