@@ -401,9 +401,201 @@ def simulate(
     run_simulation(cfg, console=console)
 
 
+@app.command("ep")
+@user_errors
+def ep_evaluate(
+    model: Annotated[Optional[str], typer.Option(help="Saved MoE model folder (default runs/teacher).")] = None,
+    nproc: Annotated[int, typer.Option(help="Processes (ranks) to launch through torchrun; experts are spread over them.")] = 2,
+    understudies: Annotated[Optional[str], typer.Option(help="Folder from `understudy distill`; needed by understudy/layer/deadline/shadow.")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="Overflow policy: full, drop, drop_renorm, reroute, understudy, shadow, layer, deadline.")] = None,
+    capacity_factor: Annotated[Optional[float], typer.Option(help="Capacity over the GLOBAL batch: ceil(cf * tokens of all ranks * k / experts).")] = None,
+    priority: Annotated[Optional[str], typer.Option(help="Which assignments overflow first: position or score.")] = None,
+    placement: Annotated[Optional[str], typer.Option(help="contiguous, replicate (hot experts, measured on train blocks) or a JSON file with expert_to_rank.")] = None,
+    extra_slots: Annotated[Optional[int], typer.Option(help="With --placement replicate: expert slots per rank beyond ceil(experts / ranks).")] = None,
+    max_blocks: Annotated[Optional[int], typer.Option(help="Held-out blocks evaluated over all ranks.")] = None,
+    blocks_per_rank: Annotated[Optional[int], typer.Option(help="Blocks each rank feeds per step (global batch = ranks x this).")] = None,
+    timeout_s: Annotated[Optional[float], typer.Option(help="Collective timeout in seconds: a dead rank makes the others fail after this.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="auto (nccl with CUDA, else gloo), gloo or nccl.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output folder: ep.json (summary + per-rank, per-step records), ep.yaml.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Read options from an ep.yaml (flags given here override it).")] = None,
+) -> None:
+    """Evaluate one policy under real expert parallelism over NPROC local processes (torchrun, gloo on CPU)."""
+    from moe_understudy.config import EPConfig
+    from moe_understudy.runtime.ep import launch_ep
+
+    try:
+        base = EPConfig.from_yaml(config) if config else EPConfig()
+        cfg = base.replace(
+            **_given(
+                model=model,
+                understudies=understudies,
+                policy=policy,
+                capacity_factor=capacity_factor,
+                priority=priority,
+                placement=placement,
+                extra_slots=extra_slots,
+                max_blocks=max_blocks,
+                blocks_per_rank=blocks_per_rank,
+                timeout_s=timeout_s,
+                backend=backend,
+                out=out,
+            )
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}.")
+    summary = launch_ep(cfg, nproc)
+    console.print(
+        f"[bold green]{summary['policy']} over {summary['ranks']} ranks[/]: perplexity {summary['perplexity']:.3f}, "
+        f"all-to-all {summary['a2a_bytes'] / 1e6:.2f} MB, max/mean rank load {summary['max_over_mean_rank_load']:.2f}, "
+        f"comm {summary['comm_s']:.2f}s vs compute {summary['compute_s']:.2f}s; wrote {cfg.out}/ep.json"
+    )
+
+
 # ---- end section: parallel ---------------------------------------------------------------------
 
 # ---- section: kd (sft, kd, rouge) --------------------------------------------------------------
+@app.command()
+@user_errors
+def sft(
+    data: Annotated[str, typer.Option(help="Instruction file (.jsonl/.json, optionally .gz): Dolly, Alpaca, prompt/response, prompt/completion or Self-Instruct rows.")],
+    out: Annotated[Path, typer.Option(help="Run folder: the model chosen by validation ROUGE-L (save_pretrained + tokenizer), checkpoint/, sft_log.json.")],
+    model: Annotated[Optional[str], typer.Option(help="Preset name to train from scratch (e.g. mixtral, quick, quick-student) or a saved model folder to fine-tune (default quick).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder for a preset model (default: train a BPE on --data).")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="BPE vocabulary when a tokenizer is trained here (default 4096).")] = None,
+    fmt: Annotated[Optional[str], typer.Option(help="Instruction format of the files (default auto-detect).")] = None,
+    val_data: Annotated[Optional[str], typer.Option(help="Validation file for checkpoint selection (default: hold out --val-examples rows of --data).")] = None,
+    val_examples: Annotated[Optional[int], typer.Option(help="Validation examples scored by greedy ROUGE-L (default 64; 0 keeps the last model).")] = None,
+    max_examples: Annotated[Optional[int], typer.Option(help="Use at most this many training examples.")] = None,
+    max_prompt: Annotated[Optional[int], typer.Option(help="Prompt tokens kept, cut from the left (default 256).")] = None,
+    max_total: Annotated[Optional[int], typer.Option(help="Prompt + response tokens kept (default 512).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default 500).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per step (default 16).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default 1e-3).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (default 20).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between validation ROUGE-L checks and checkpoints (default 100).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generated tokens per validation response (default 64).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default 0).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="Read options from an sft.yaml (flags given here override it).")] = None,
+) -> None:
+    """Fine-tune a model on instruction data with the prompt masked from the loss (teacher or student)."""
+    from moe_understudy.config import SFTConfig
+    from moe_understudy.kd.sft import run_sft
+
+    base = SFTConfig.from_yaml(config) if config else SFTConfig()
+    cfg = _kd_config(
+        base, data=data, model=model, tokenizer=tokenizer, vocab_size=vocab_size, fmt=fmt, val_data=val_data,
+        val_examples=val_examples, max_examples=max_examples, max_prompt=max_prompt, max_total=max_total, steps=steps,
+        batch_size=batch_size, lr=lr, warmup=warmup, eval_every=eval_every, max_new_tokens=max_new_tokens, seed=seed,
+    )
+    summary = run_sft(cfg, out, resume=resume, console=console)
+    console.print(f"[bold green]model saved to {out}[/]: best validation ROUGE-L {_fmt_rouge(summary['best_val_rouge_l'])}")
+
+
+@app.command()
+@user_errors
+def kd(
+    data: Annotated[str, typer.Option(help="Instruction file with the prompts (and responses, for --method kd or --off-policy).")],
+    teacher: Annotated[str, typer.Option(help="Saved MoE teacher folder (e.g. from `understudy sft --model mixtral`); its tokenizer is used.")],
+    out: Annotated[Path, typer.Option(help="Run folder: the student chosen by validation ROUGE-L, checkpoint/, kd_log.json.")],
+    method: Annotated[Optional[str], typer.Option(help="kd (forward KL on dataset responses), gkd (reverse KL on student samples), all (teacher runs every expert), ka (Knowledge Augmentation), sar (Student-Aware Router), bdistill (MoE student: MC exploration + router distillation). Default kd.")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student: a preset (quick-student, llama-student, quick-moe-student, moe-student) or a saved folder sharing the teacher's tokenizer (default quick-student).")] = None,
+    divergence: Annotated[Optional[str], typer.Option(help="fkl, rkl, skew_fkl or skew_rkl (default: fkl for kd, rkl otherwise).")] = None,
+    off_policy: Annotated[bool, typer.Option("--off-policy", help="Distil on the dataset's responses instead of student samples (non-kd methods).")] = False,
+    fmt: Annotated[Optional[str], typer.Option(help="Instruction format of the files (default auto-detect).")] = None,
+    val_data: Annotated[Optional[str], typer.Option(help="Validation file for checkpoint selection (default: hold out --val-examples rows of --data).")] = None,
+    val_examples: Annotated[Optional[int], typer.Option(help="Validation examples scored by greedy ROUGE-L (default 64).")] = None,
+    max_examples: Annotated[Optional[int], typer.Option(help="Use at most this many training examples.")] = None,
+    max_prompt: Annotated[Optional[int], typer.Option(help="Prompt tokens kept, cut from the left (default 256).")] = None,
+    max_total: Annotated[Optional[int], typer.Option(help="Prompt + response tokens kept (default 512).")] = None,
+    gen_max_new_tokens: Annotated[Optional[int], typer.Option(help="Length of student-sampled responses (default 64).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Steps (default 300; KA makes --ka-passes student updates per step).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Prompts per step (default 8).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak student learning rate (default 5e-4).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (default 10).")] = None,
+    ka_experts: Annotated[Optional[int], typer.Option(help="KA: experts the teacher activates per layer (default N-1).")] = None,
+    ka_lambda: Annotated[Optional[float], typer.Option(help="KA: per-token probability of sampling experts instead of taking the top ones (default 0.05).")] = None,
+    ka_passes: Annotated[Optional[int], typer.Option(help="KA: teacher passes, each one student update, per step (default 2).")] = None,
+    sar_lr: Annotated[Optional[float], typer.Option(help="SAR: learning rate of the teacher-router optimiser (default 1e-4).")] = None,
+    sar_beta: Annotated[Optional[float], typer.Option(help="SAR: weight of the load-balancing loss (default 0.01).")] = None,
+    explore_eps: Annotated[Optional[float], typer.Option(help="B-Distill: uniform mixing of router probabilities for exploration (default 0.1).")] = None,
+    router_kl_weight: Annotated[Optional[float], typer.Option(help="B-Distill: weight of the router KL (default 0.1).")] = None,
+    entropy_floor: Annotated[Optional[float], typer.Option(help="B-Distill: router entropy floor as a fraction of log(experts) (default 0.5).")] = None,
+    entropy_weight: Annotated[Optional[float], typer.Option(help="B-Distill: weight of the entropy-floor penalty (default 0.1).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Steps between validation ROUGE-L checks and checkpoints (default 100).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generated tokens per validation response (default 64).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default 0).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="Read options from a kd.yaml (flags given here override it).")] = None,
+) -> None:
+    """Distil a whole MoE teacher into a dense or smaller MoE student (KD, GKD, ALL, KA, SAR, B-Distill)."""
+    from moe_understudy.config import KDConfig
+    from moe_understudy.kd.trainer import run_kd
+
+    base = KDConfig.from_yaml(config) if config else KDConfig()
+    cfg = _kd_config(
+        base, data=data, teacher=teacher, method=method, student=student, divergence=divergence,
+        on_policy=False if off_policy else None, fmt=fmt, val_data=val_data, val_examples=val_examples,
+        max_examples=max_examples, max_prompt=max_prompt, max_total=max_total, gen_max_new_tokens=gen_max_new_tokens,
+        steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, ka_experts=ka_experts, ka_lambda=ka_lambda,
+        ka_passes=ka_passes, sar_lr=sar_lr, sar_beta=sar_beta, explore_eps=explore_eps,
+        router_kl_weight=router_kl_weight, entropy_floor=entropy_floor, entropy_weight=entropy_weight,
+        eval_every=eval_every, max_new_tokens=max_new_tokens, seed=seed,
+    )
+    summary = run_kd(cfg, out, resume=resume, console=console)
+    console.print(
+        f"[bold green]student saved to {out}[/] ({cfg.method}): best validation ROUGE-L {_fmt_rouge(summary['best_val_rouge_l'])}"
+    )
+
+
+@app.command()
+@user_errors
+def rouge(
+    model: Annotated[str, typer.Argument(help="Saved model folder (with its tokenizer).")],
+    data: Annotated[list[str], typer.Option(help="Instruction file to score; repeat --data for several datasets.")],
+    fmt: Annotated[Optional[str], typer.Option(help="Instruction format of the files (default auto-detect).")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated sampling seeds (default 10,20,30,40,50).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding, one pass, instead of sampling over seeds.")] = False,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default 1.0).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (default 1.0 = off).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Top-k sampling (default 0 = off).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generated tokens per response, cut earlier at end-of-text (default 128).")] = None,
+    max_prompt: Annotated[Optional[int], typer.Option(help="Prompt tokens kept, cut from the left (default 256).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Prompts generated together with left padding and the KV cache (default 16).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score at most this many examples per file.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the report (per dataset, per task, per seed) as JSON here.")] = None,
+) -> None:
+    """Generate responses and score ROUGE-L F1 x100 per dataset and task, mean and std over seeds."""
+    from moe_understudy.config import RougeConfig
+    from moe_understudy.eval.rouge import run_rouge
+
+    if seeds is not None:
+        try:
+            seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+        except ValueError as err:
+            raise UserError(f"--seeds {seeds!r} is not a comma-separated list of integers; pass e.g. 10,20,30.") from err
+    cfg = _kd_config(
+        RougeConfig(data=tuple(data)), model=model, fmt=fmt, seeds=seed_list if seeds is not None else None,
+        greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+        max_prompt=max_prompt, batch_size=batch_size, limit=limit, out=str(out) if out else None,
+    )
+    run_rouge(cfg, console=console)
+
+
+def _kd_config(base, **options):
+    """`base` with the given options applied; invalid values become one-sentence UserErrors."""
+    try:
+        return base.replace(**{k: v for k, v in options.items() if v is not None})
+    except ValueError as err:
+        raise UserError(f"{err} Fix the option and rerun.") from err
+
+
+def _fmt_rouge(value) -> str:
+    return "n/a (no validation examples)" if value is None else f"{value:.2f}"
+
+
 # ---- end section: kd ---------------------------------------------------------------------------
 
 
