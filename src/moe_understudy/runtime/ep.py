@@ -286,6 +286,13 @@ class ExpertParallelMoE(LoadAwareMoE):
         none = torch.zeros_like(local.expert_served)
         return self.execute(x, dataclasses.replace(local, expert_served=none))
 
+    def _understudy_cost(self) -> float:
+        """Understudy FLOPs per token in units of one expert assignment (0 without a whole-layer understudy)."""
+        u = self.understudy
+        if u is None or hasattr(u, "per_assignment") or not hasattr(u, "flops_per_token"):
+            return 0.0
+        return u.flops_per_token() / self.moe.expert_flops_per_token()
+
     def _record(
         self,
         glob,
@@ -323,6 +330,8 @@ class ExpertParallelMoE(LoadAwareMoE):
             tokens_per_expert={int(e): int(served[e]) for e in self.local_experts},
             rank_load=int(sum(recv_splits)),
             understudy_tokens=int(local.understudy_tokens.sum()),
+            # rank work in assignment units: expert rows + understudy tokens x (its FLOPs / one expert's)
+            work=float(sum(recv_splits)) + int(local.understudy_tokens.sum()) * self._understudy_cost(),
             degraded_tokens=int(local.counts()["degraded_tokens"]),
             comm_s=t_comm,
             compute_s=t_compute,
@@ -484,11 +493,15 @@ def summarize(
     by_key: dict[tuple[int, int], list[dict]] = {}
     for r in records:
         by_key.setdefault((r["step"], r["layer"]), []).append(r)
-    imbalance = []
-    for recs in by_key.values():
-        loads = [r["rank_load"] for r in recs]
-        mean = sum(loads) / len(loads)
-        imbalance.append(max(loads) / mean if mean > 0 else 1.0)
+
+    def max_over_mean(key: str) -> float:
+        ratios = []
+        for recs in by_key.values():
+            loads = [r[key] for r in recs]
+            mean = sum(loads) / len(loads)
+            ratios.append(max(loads) / mean if mean > 0 else 1.0)
+        return sum(ratios) / max(len(ratios), 1)
+
     per_rank = {}
     for rk in range(world):
         mine = [r for r in records if r["rank"] == rk]
@@ -511,7 +524,8 @@ def summarize(
         "perplexity": perplexity,
         "a2a_bytes": sum(v["dispatch_send_bytes"] + v["combine_send_bytes"] for v in per_rank.values()),
         "routing_gather_bytes": sum(r["routing_bytes"] for r in records if r["rank"] == 0),
-        "max_over_mean_rank_load": sum(imbalance) / max(len(imbalance), 1),
+        "max_over_mean_rank_load": max_over_mean("rank_load"),  # expert rows per rank, per layer-step
+        "max_over_mean_rank_work": max_over_mean("work"),  # + understudy FLOPs on the token's own rank
         "understudy_token_fraction": sum(r["understudy_tokens"] for r in records) / max(tokens, 1),
         "degraded_token_fraction": sum(r["degraded_tokens"] for r in records) / max(tokens, 1),
         "comm_s": max(v["comm_s"] for v in per_rank.values()),
