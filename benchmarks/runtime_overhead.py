@@ -1,0 +1,215 @@
+"""Runtime overhead of the load-aware layer, measured side by side in one process.
+
+1. Whole-model forward: unpatched transformers model vs patched with policy `full` (no recorder,
+   the production path) vs patched `full` with a LoadRecorder, and the understudy policy at cf 1.0.
+   Target: patched `full` at most 1.05x unpatched.
+2. Per MoE layer and token: the routed-expert call of the block (router choice given) vs the
+   understudy path the runtime takes for understudy tokens (gather, understudy, scatter-add), for
+   dense understudies at several costs. Target: understudy path at most 1/4 of the routed-expert
+   time per token.
+Timings interleave the compared systems rep by rep and report medians, so CPU contention from other
+processes affects all of them alike (the machine is shared; ratios are the meaningful figures).
+
+    .venv/bin/python benchmarks/runtime_overhead.py --model runs/teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
+from moe_understudy.runtime.layer import patch, unpatch  # noqa: E402
+from moe_understudy.runtime.stats import LoadRecorder  # noqa: E402
+from moe_understudy.understudy.modules import build_understudy, cost_ratio  # noqa: E402
+
+NAME = "runtime_overhead"
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="runs/teacher")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--reps", type=int, default=30, help="timed repetitions per system (after warm-up)")
+    p.add_argument("--intermediate", default="128,256,512", help="dense understudy sizes timed in part 2")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default=NAME)
+    return p.parse_args()
+
+
+def interleaved(fns: dict[str, callable], reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each fn, timed in round-robin so contention hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@torch.no_grad()
+def model_forward(model, blocks, reps: int, understudies) -> dict[str, float]:
+    ids = blocks
+    handle = patch(model, understudies, policy="full")
+    layers = handle.layers
+
+    def unpatched():
+        for w in layers:
+            w.moe.restore()
+        model(input_ids=ids)
+        for w in layers:
+            w.moe.replace(w)
+
+    def set_cfg(policy, recorder):
+        def run():
+            handle.configure(policy=policy, capacity_factor=1.0, recorder=recorder)
+            model(input_ids=ids)
+
+        return run
+
+    fns = {
+        "unpatched": unpatched,
+        "patched full": set_cfg("full", None),
+        "patched full + recorder": set_cfg("full", LoadRecorder()),
+        "understudy cf 1.0 + recorder": set_cfg("understudy", LoadRecorder()),
+        "drop cf 1.0 + recorder": set_cfg("drop", LoadRecorder()),
+    }
+    out = interleaved(fns, reps)
+    unpatch(model)
+    return out
+
+
+@torch.no_grad()
+def layer_parts(model, blocks, reps: int, intermediates: list[int]) -> list[dict]:
+    """Per layer: routed-expert time per token vs the understudy path per token, on the layer's real input."""
+    layers = find_moe_layers(model)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        m.block.register_forward_pre_hook(
+            lambda mod, args, L=m.index: inputs.__setitem__(L, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for m in layers
+    ]
+    model(input_ids=blocks)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for moe in layers:
+        x = inputs[moe.index]
+        r = moe.route(x)
+        T = x.shape[0]
+        # The understudy serves the overflow tokens; time it on half the batch, a typical share at cf 1.
+        tokens = torch.arange(0, T, 2)
+        fns = {
+            "experts": lambda x=x, r=r, moe=moe: moe.experts(x, r.indices, r.weights),
+            "router": lambda x=x, moe=moe: moe.route(x),
+        }
+        modules = {}
+        for inter in intermediates:
+            u = build_understudy("dense", moe, seed=0, intermediate=inter).eval()
+            modules[inter] = u
+            fns[f"understudy {inter}"] = lambda u=u, x=x, tokens=tokens: torch.zeros_like(x).index_add(
+                0, tokens, u(x[tokens])
+            )
+        t = interleaved(fns, reps)
+        per_tok_experts = t["experts"] / T
+        for inter, u in modules.items():
+            per_tok_u = t[f"understudy {inter}"] / len(tokens)
+            rows.append(
+                {
+                    "layer": moe.index,
+                    "tokens": T,
+                    "understudy_tokens": len(tokens),
+                    "understudy_intermediate": inter,
+                    "flops_cost": round(cost_ratio(u, moe), 4),
+                    "experts_us_per_token": 1e6 * per_tok_experts,
+                    "understudy_us_per_token": 1e6 * per_tok_u,
+                    "router_us_per_token": 1e6 * t["router"] / T,
+                    "time_ratio": per_tok_u / per_tok_experts,
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    from moe_understudy.teacher import load_model_and_tokenizer
+
+    console = Console()
+    model, _ = load_model_and_tokenizer(args.model)
+    blocks = torch.load(Path(args.model) / "blocks.pt")["val"][: args.batch_size]
+    inter = [int(i) for i in args.intermediate.split(",")]
+    us = {
+        m.index: build_understudy("dense", m, seed=0, intermediate=inter[len(inter) // 2]).eval()
+        for m in find_moe_layers(model)
+    }
+
+    forward = model_forward(model, blocks, args.reps, us)
+    base = forward["unpatched"]
+    t1 = Table(title=f"whole-model forward, batch {tuple(blocks.shape)}, median of {args.reps}")
+    for c in ("system", "ms", "x unpatched"):
+        t1.add_column(c, justify="right" if c != "system" else "left")
+    for k, v in forward.items():
+        t1.add_row(k, f"{1e3 * v:.2f}", f"{v / base:.3f}")
+    console.print(t1)
+
+    parts = layer_parts(model, blocks, args.reps, inter)
+    t2 = Table(title="per MoE layer and token: understudy path vs routed experts")
+    for c in ("layer", "understudy I", "FLOPs cost", "experts µs/tok", "understudy µs/tok", "time ratio"):
+        t2.add_column(c, justify="right")
+    for r in parts:
+        t2.add_row(
+            str(r["layer"]),
+            str(r["understudy_intermediate"]),
+            f"{r['flops_cost']:.2f}",
+            f"{r['experts_us_per_token']:.2f}",
+            f"{r['understudy_us_per_token']:.2f}",
+            f"{r['time_ratio']:.3f}",
+        )
+    console.print(t2)
+    by_cost = {}
+    for r in parts:
+        by_cost.setdefault(r["understudy_intermediate"], []).append(r["time_ratio"])
+    summary = {
+        "patched_full_over_unpatched": forward["patched full"] / base,
+        "patched_full_within_1_05": forward["patched full"] / base <= 1.05,
+        "understudy_time_ratio_mean_by_intermediate": {k: statistics.mean(v) for k, v in by_cost.items()},
+        "understudy_within_quarter_by_intermediate": {
+            k: statistics.mean(v) <= 0.25 for k, v in by_cost.items()
+        },
+    }
+    console.print(summary)
+    path = write_result(
+        args.name,
+        {
+            "model": args.model,
+            "batch": list(blocks.shape),
+            "reps": args.reps,
+            "notes": "CPU shared with other processes during the run; systems interleaved rep by rep and medians "
+            "taken, so ratios measured in this run are comparable. Understudy weights are untrained (timing only). "
+            "Understudy path = gather the understudy tokens, run the understudy, scatter-add (half the batch's tokens).",
+            "forward_seconds": forward,
+            "layer_parts": parts,
+            "summary": summary,
+        },
+    )
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
