@@ -112,16 +112,21 @@ class Plan:
     def counts(self) -> dict[str, int]:
         """Assignments by fate (they add up to `assignments`) and tokens touched by degradation."""
         degraded = self.understudy_tokens | (~self.expert_served).any(-1)
+        # One reduction and one transfer for all counts: this runs per layer and step when recording.
+        per_assignment = torch.stack([self.expert_served, self.shadow_served, self.dropped, self.sent()])
+        per_token = torch.stack([self.understudy_tokens, degraded])
+        expert, shadow, dropped, sent = per_assignment.flatten(1).sum(1).tolist()
+        understudy_tokens, degraded_tokens = per_token.sum(1).tolist()
         return {
             "tokens": self.num_tokens,
             "assignments": self.indices.numel(),
-            "expert": int(self.expert_served.sum()),
-            "shadow": int(self.shadow_served.sum()),
-            "understudy": int(self.understudy_tokens.sum()) * self.top_k,
-            "dropped": int(self.dropped.sum()),
-            "understudy_tokens": int(self.understudy_tokens.sum()),
-            "degraded_tokens": int(degraded.sum()),
-            "sent": int(self.sent().sum()),
+            "expert": expert,
+            "shadow": shadow,
+            "understudy": understudy_tokens * self.top_k,
+            "dropped": dropped,
+            "understudy_tokens": understudy_tokens,
+            "degraded_tokens": degraded_tokens,
+            "sent": sent,
         }
 
 
