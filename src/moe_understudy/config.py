@@ -478,6 +478,7 @@ class SimConfig(StageConfig):
     capacity_factor: float = 1.0  # capacity of drop / reroute / understudy
     priority: str = "position"  # position | score
     tokens_per_rank: int = 512  # tokens each rank holds per step (weak scaling)
+    expansion: str = "random"  # ranks > experts: siblings drawn per assignment (random: keeps the skew) | per token id (token)
     steps: int = 3  # simulated steps per cluster size (fresh token sample each)
     calibration_fraction: float = 0.5  # part of the trace used to plan replication and fit speculation
     cost: ClusterCost = field(default_factory=ClusterCost)
@@ -497,6 +498,8 @@ class SimConfig(StageConfig):
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
         if self.capacity_factor <= 0 or self.tokens_per_rank <= 0 or self.steps <= 0:
             raise ValueError("capacity_factor, tokens_per_rank and steps must be positive.")
+        if self.expansion not in ("random", "token"):
+            raise ValueError(f"expansion must be random or token, got {self.expansion!r}.")
         if not 0.0 < self.calibration_fraction < 1.0:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}.")
         if self.zipf < 0 or self.synthetic_experts < 2 or not 1 <= self.top_k < self.synthetic_experts:

@@ -52,3 +52,15 @@ def test_trace_round_trips_through_safetensors(tmp_path):
     t.save(tmp_path / "t.safetensors")
     back = RoutingTrace.load(tmp_path / "t.safetensors")
     assert torch.equal(back.indices, t.indices) and back.source == t.source and back.token_ids is None
+
+
+def test_token_expansion_sends_a_token_id_to_the_same_sibling_in_every_sample():
+    g = torch.Generator().manual_seed(0)
+    base = synthetic_trace(1, 200, 4, 1, zipf=0.0, seed=2)
+    t = RoutingTrace(base.logits, base.weights, base.indices, torch.randint(0, 5, (200,), generator=g), "x")
+    a = expand_trace(t, 8, 300, seed=1, sibling="token")
+    b = expand_trace(t, 8, 300, seed=2, sibling="token")
+    seen = {}
+    for trace in (a, b):
+        for tok, e in zip(trace.token_ids.tolist(), trace.indices[0, :, 0].tolist(), strict=True):
+            assert seen.setdefault((tok, e // 8), e) == e

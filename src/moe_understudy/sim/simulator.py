@@ -2,14 +2,15 @@
 
 For a cluster of R ranks:
   1. experts: a trace of E experts is expanded to E' = E * ceil(R / E) experts when R > E (see
-     `traces.expand_trace`), laid out contiguously, E' / R per rank;
+     `traces.expand_trace`; `sibling` picks how: "random" keeps the captured skew, "token" keeps
+     token-level predictability), laid out contiguously, E' / R per rank;
   2. tokens: each rank holds `tokens_per_rank` tokens per step (weak scaling), sampled whole from
      the replay part of the trace; token t lives on rank ``t * R // T`` (rank-major);
   3. per layer: capacity ``ceil(cf * T * k / E')`` over the global batch, the policy's plan
      (runtime.policies.plan_routing, the same code the runtime runs), dispatch to the rank of each
      sent assignment, expert compute, combine of the served ones; costs from `sim.cost`;
   4. baselines: `replication` runs `full` on a placement that replicates hot experts measured on
-     the calibration part, with as many spare slots per rank as one understudy weighs (equal
+     the calibration part (a random half of the trace's tokens: stationary traffic, its best case), with as many spare slots per rank as one understudy weighs (equal
      memory); `speculative` runs `full` with pre-dispatch predicted from affinities fitted on the
      calibration part: only mispredicted rows stay on the critical path (pre-dispatched rows are
      assumed hidden behind the previous layer, an optimistic bound for the baseline).
@@ -106,6 +107,7 @@ def simulate_cluster(
     steps: int = 3,
     calibration_fraction: float = 0.5,
     seed: int = 0,
+    sibling: str = "random",
 ) -> list[SimResult]:
     """Every policy of `policies` on `num_ranks` ranks, on the same sampled batches."""
     R = num_ranks
@@ -113,8 +115,8 @@ def simulate_cluster(
     E = trace.num_experts * f
     L, k = trace.num_layers, trace.top_k
     T = R * tokens_per_rank
-    calib, replay = trace.split(calibration_fraction)
-    calib = expand_trace(calib, f, calib.num_tokens, seed=seed)
+    calib, replay = trace.split(calibration_fraction, seed=seed)
+    calib = expand_trace(calib, f, calib.num_tokens, seed=seed, sibling=sibling)
     base = plan_placement(L, E, R)
     expert_rank = base.expert_rank()  # [L, E]
     extra = understudy_slots(cost, k)
@@ -127,7 +129,7 @@ def simulate_cluster(
     src = torch.arange(T) * R // T  # (T,) home rank, rank-major
     acc = {p: _Acc() for p in policies}
     for step in range(steps):
-        batch = expand_trace(replay, f, T, seed=seed + 1 + step)
+        batch = expand_trace(replay, f, T, seed=seed + 1 + step, sibling=sibling)
         predicted = (
             predict_experts(affinity, batch.indices, batch.token_ids, k) if affinity is not None else None
         )

@@ -64,10 +64,15 @@ class RoutingTrace:
         E = self.num_experts
         return torch.stack([torch.bincount(i.reshape(-1), minlength=E) for i in self.indices]).float()
 
-    def split(self, fraction: float) -> tuple[RoutingTrace, RoutingTrace]:
-        """(first part, rest) by token order: calibrate on one, replay the other."""
+    def split(self, fraction: float, seed: int = 0) -> tuple[RoutingTrace, RoutingTrace]:
+        """(calibration, replay): a seeded random `fraction` of the tokens, and the rest.
+
+        Random rather than by position, so both parts see the same mix of documents (stationary
+        traffic: the case where planning from past load, as replication does, works best).
+        """
         n = int(self.num_tokens * fraction)
-        return self.select(slice(0, n)), self.select(slice(n, None))
+        perm = torch.randperm(self.num_tokens, generator=torch.Generator().manual_seed(seed))
+        return self.select(perm[:n].sort().values), self.select(perm[n:].sort().values)
 
     def select(self, rows: torch.Tensor | slice) -> RoutingTrace:
         tok = None if self.token_ids is None else self.token_ids[rows]
@@ -161,19 +166,29 @@ def synthetic_trace(
     )
 
 
-def expand_trace(trace: RoutingTrace, expert_factor: int, num_tokens: int, seed: int = 0) -> RoutingTrace:
-    """Scale a trace to `expert_factor` x more experts and `num_tokens` tokens, keeping its skew.
+EXPANSIONS = ("random", "token")
+
+
+def expand_trace(
+    trace: RoutingTrace, expert_factor: int, num_tokens: int, seed: int = 0, sibling: str = "random"
+) -> RoutingTrace:
+    """Scale a trace to `expert_factor` x more experts and `num_tokens` tokens.
 
     Used when the cluster has more ranks than the model has experts. Each expert e becomes
-    `expert_factor` sibling experts ``e * f + j``. Which sibling serves a token is a fixed random
-    function of (layer, token id, e) -- of the original row when the trace has no token ids -- so
-    siblings split e's load about evenly (each expert's share of the load, and the max/mean
-    expert load, stay as captured) and routing stays as predictable from the token as it was.
-    Tokens are sampled with replacement from the trace, whole tokens at a time, so the per-token
-    correlation across layers is kept.
+    `expert_factor` sibling experts ``e * f + j``; which sibling serves an assignment of e is
+      - ``random``: drawn per assignment (seeded by `seed`). Siblings split e's load evenly, so each
+        expert's share of the load and the max/mean expert load stay as captured; which sibling a
+        token visits is unpredictable (pessimistic for speculative dispatch).
+      - ``token``: a fixed random function of (layer, token id, e) -- of the original row when the
+        trace has no token ids -- the same in every call. Routing stays as predictable from the
+        token as captured, but frequent tokens now load one sibling, so expert skew grows with f.
+    Tokens are sampled with replacement from the trace (seeded by `seed`), whole tokens at a time,
+    so the per-token correlation across layers is kept.
     """
     if expert_factor < 1:
         raise ValueError(f"expert_factor must be >= 1, got {expert_factor}.")
+    if sibling not in EXPANSIONS:
+        raise ValueError(f"sibling must be one of {', '.join(EXPANSIONS)}, got {sibling!r}.")
     g = torch.Generator().manual_seed(seed)
     rows = (
         torch.randint(trace.num_tokens, (num_tokens,), generator=g)
@@ -185,13 +200,16 @@ def expand_trace(trace: RoutingTrace, expert_factor: int, num_tokens: int, seed:
         return RoutingTrace(t.logits, t.weights, t.indices, t.token_ids, t.source)
     f = expert_factor
     L, T, E = t.logits.shape
-    if trace.token_ids is not None:
-        key, num_keys = t.token_ids, int(trace.token_ids.max()) + 1
+    if sibling == "random":
+        choice = torch.randint(f, (L, T, E), generator=g)  # (L, T, E) sibling of every expert, per token
     else:
-        key, num_keys = (torch.arange(T) if rows is None else rows), trace.num_tokens
-    table = torch.randint(f, (L, num_keys, E), generator=torch.Generator().manual_seed(seed + 7919))
-    sibling = table[:, key]  # (L, T, E) sibling of every expert, per token
-    indices = t.indices * f + sibling.gather(2, t.indices)
+        if trace.token_ids is not None:
+            key, num_keys = t.token_ids, int(trace.token_ids.max()) + 1
+        else:
+            key, num_keys = (torch.arange(T) if rows is None else rows), trace.num_tokens
+        table = torch.randint(f, (L, num_keys, E), generator=torch.Generator().manual_seed(7919))
+        choice = table[:, key]
+    indices = t.indices * f + choice.gather(2, t.indices)
     # logits: the drawn sibling of e keeps e's logit; the other siblings are pushed below every
     # drawn sibling (shifted by the token's logit range + 1), so top-k and the reroute order over
     # the drawn siblings are exactly the captured ones.
@@ -199,7 +217,6 @@ def expand_trace(trace: RoutingTrace, expert_factor: int, num_tokens: int, seed:
         -1
     )  # (L, T, 1, 1)
     logits = (t.logits.unsqueeze(-1) - span).expand(L, T, E, f).clone()
-    logits.scatter_(3, sibling.unsqueeze(-1), t.logits.unsqueeze(-1))
-    return RoutingTrace(
-        logits.reshape(L, T, E * f), t.weights, indices, t.token_ids, f"{t.source} x{f} experts"
-    )
+    logits.scatter_(3, choice.unsqueeze(-1), t.logits.unsqueeze(-1))
+    source = f"{t.source} x{f} experts ({sibling} siblings)"
+    return RoutingTrace(logits.reshape(L, T, E * f), t.weights, indices, t.token_ids, source)

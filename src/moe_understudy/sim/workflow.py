@@ -138,6 +138,7 @@ def _simulate(cfg: SimConfig, console: Console) -> dict:
                 steps=cfg.steps,
                 calibration_fraction=cfg.calibration_fraction,
                 seed=cfg.seed,
+                sibling=cfg.expansion,
             )
             bar.advance(task)
     rows = [
