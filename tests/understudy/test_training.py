@@ -68,6 +68,17 @@ def test_full_substitution_with_an_exact_copy_changes_nothing(tiny_model):
     assert torch.equal(again, want)  # the model is restored
 
 
+def test_full_substitution_works_on_a_model_that_collects_router_logits():
+    config = tiny_config("mixtral")
+    config.output_router_logits = True  # the aux loss needs every layer's router logits
+    model = build_model(config, seed=0)
+    understudies = {ly.index: build_understudy("dense", ly) for ly in find_moe_layers(model)}
+    ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad(), substituted(model, understudies, fraction=1.0):
+        out = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(out.aux_loss)
+
+
 @pytest.mark.parametrize("arch", ["dense", "shadows"])
 def test_partial_substitution_serves_some_tokens_from_the_understudy(tiny_model, arch):
     understudies = {

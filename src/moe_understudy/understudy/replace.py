@@ -51,13 +51,14 @@ class SubstitutedMoE(nn.Module):
             none = torch.full_like(r.indices, self.moe.num_experts)
             by_expert = self.moe.experts(x, torch.where(shadow, none, r.indices), r.weights)
             return by_expert + self.understudy(x, torch.where(shadow, r.indices, none), r.weights)
+        # The router always runs (as it would in serving): models that collect router logits for
+        # their auxiliary loss find them even when every token goes to the understudy.
+        r = self.moe.route(x)
         if self.fraction >= 1.0:
             return self.understudy(x)
         if self.fraction <= 0.0:
-            r = self.moe.route(x)
             return self.moe.experts(x, r.indices, r.weights)
         sub = self._draw((x.shape[0],), x.device)  # (T,) tokens served by the understudy
-        r = self.moe.route(x)
         skip = torch.full_like(r.indices, self.moe.num_experts)
         out = self.moe.experts(x, torch.where(sub[:, None], skip, r.indices), r.weights)
         rows = torch.where(sub)[0]
