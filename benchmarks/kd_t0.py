@@ -1,0 +1,345 @@
+"""Whole-model MoE distillation on the T0 mix, EEM Table 1 in miniature: ROUGE-L on seen / unseen templates.
+
+Pipeline (all stages resumable; intermediate models under runs/kd_t0/, results committed here):
+1. T0 mix from ../shared/data, prompts <= 600 characters and responses <= 16 words; templates split
+   seen / unseen (25% of templates held out); train / val / seen-test drawn from seen templates.
+2. BPE tokenizer trained on the training examples (data.tokenizer.train_bpe).
+3. Teacher: `mixtral` preset MoE (8 experts, top-2) SFT-ed from scratch on the instruction data.
+4. Students SFT-ed from scratch: dense `quick-student` and MoE `quick-moe-student` (for B-Distill).
+5. From the dense student's SFT checkpoint: KD, GKD, ALL, KA, SAR for the same number of steps;
+   B-Distill from the MoE student's checkpoint. "student SFT" continues SFT for those same steps,
+   so every student row has seen the same number of optimiser steps.
+6. ROUGE-L F1 x100 by sampling (temperature 1, top-p 1, top-k 0) over seeds 10..50.
+
+Run: .venv/bin/python benchmarks/kd_t0.py [--fast]   (--fast: a much shorter smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import RESULTS, write_result  # noqa: E402
+
+from moe_understudy.config import KDConfig, SFTConfig  # noqa: E402
+from moe_understudy.data import load_instructions, split_by_task, train_bpe  # noqa: E402
+from moe_understudy.data.instructions import Example  # noqa: E402
+from moe_understudy.eval.rouge import rouge_over_seeds  # noqa: E402
+from moe_understudy.kd.sft import run_sft  # noqa: E402
+from moe_understudy.kd.trainer import run_kd  # noqa: E402
+from moe_understudy.teacher import load_model_and_tokenizer  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "t0_mix.jsonl.gz"
+NAME = "kd_t0"
+SEEDS = (10, 20, 30, 40, 50)
+KD_METHODS = ("kd", "gkd", "all", "ka", "sar")
+
+
+def settings(fast: bool) -> dict:
+    s = dict(
+        train=4000,
+        val=48,
+        test=100,
+        vocab=2048,
+        max_prompt=192,
+        max_total=256,
+        gen=24,
+        eval_new=24,
+        teacher_steps=300,
+        student_steps=200,
+        kd_steps=60,
+        sft_bs=16,
+        kd_bs=16,
+        kd_lr=3e-4,
+    )
+    if fast:
+        s.update(train=400, val=8, test=16, teacher_steps=20, student_steps=20, kd_steps=6)
+    return s
+
+
+def write_jsonl(path: Path, examples: list[Example]) -> None:
+    path.write_text(
+        "".join(
+            json.dumps({"task": e.task, "prompt": e.prompt, "response": e.response}) + "\n" for e in examples
+        )
+    )
+
+
+def prepare_data(run: Path, s: dict) -> dict[str, Path]:
+    """Filter, split by template, write train/val/test files; returns their paths."""
+    files = {k: run / f"{k}.jsonl" for k in ("train", "val", "test_seen", "test_unseen")}
+    if all(p.exists() for p in files.values()):
+        return files
+    examples = load_instructions(DATA)
+    short = [e for e in examples if len(e.prompt) <= 600 and 0 < len(e.response.split()) <= 16]
+    seen, unseen = split_by_task(short, unseen_fraction=0.25, seed=0)
+    random.Random(0).shuffle(seen)
+    random.Random(1).shuffle(unseen)
+    t, v = s["test"], s["val"]
+    parts = {
+        "test_seen": seen[:t],
+        "val": seen[t : t + v],
+        "train": seen[t + v : t + v + s["train"]],
+        "test_unseen": unseen[:t],
+    }
+    for k, ex in parts.items():
+        write_jsonl(files[k], ex)
+    return files
+
+
+def done(path: Path) -> bool:
+    """A stage is done once its recipe wrote its summary log (written last, after the final checkpoint)."""
+    return (path / "model.safetensors").exists() and any(path.glob("*_log.json"))
+
+
+def train_all(run: Path, files: dict[str, Path], s: dict, console: Console) -> dict[str, Path]:
+    """Every model of the table, trained (or found trained) under `run`; returns row name -> folder."""
+    tok_dir = run / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        train = load_instructions(files["train"])
+        train_bpe([f"{e.prompt} {e.response}" for e in train], s["vocab"], tok_dir)
+    common = dict(
+        data=str(files["train"]),
+        val_data=str(files["val"]),
+        val_examples=s["val"],
+        max_prompt=s["max_prompt"],
+        max_total=s["max_total"],
+        max_new_tokens=s["eval_new"],
+    )
+    timings: dict[str, float] = {}
+
+    def sft(name: str, **kw) -> Path:
+        out = run / name
+        if not done(out):
+            t0 = time.time()
+            console.rule(f"SFT {name}")
+            run_sft(SFTConfig(**common, **kw), out, resume=True, console=console)
+            timings[name] = time.time() - t0
+        return out
+
+    def kd(name: str, **kw) -> Path:
+        out = run / name
+        if not done(out):
+            t0 = time.time()
+            console.rule(f"KD {name}")
+            run_kd(
+                KDConfig(
+                    **common,
+                    steps=s["kd_steps"],
+                    batch_size=s["kd_bs"],
+                    lr=s["kd_lr"],
+                    gen_max_new_tokens=s["gen"],
+                    eval_every=max(1, s["kd_steps"] // 2),
+                    **kw,
+                ),
+                out,
+                resume=True,
+                console=console,
+            )
+            timings[name] = time.time() - t0
+        return out
+
+    tok = str(tok_dir)
+    sft_kw = dict(batch_size=s["sft_bs"], lr=1e-3, tokenizer=tok)
+    teacher = sft(
+        "teacher_sft",
+        model="mixtral",
+        steps=s["teacher_steps"],
+        eval_every=max(1, s["teacher_steps"] // 4),
+        **sft_kw,
+    )
+    student = sft(
+        "student_sft0",
+        model="quick-student",
+        steps=s["student_steps"],
+        eval_every=max(1, s["student_steps"] // 4),
+        **sft_kw,
+    )
+    moe_student = sft(
+        "moe_student_sft0",
+        model="quick-moe-student",
+        steps=s["student_steps"],
+        eval_every=max(1, s["student_steps"] // 4),
+        **sft_kw,
+    )
+    rows = {
+        "student SFT": sft(
+            "student_sft",
+            model=str(student),
+            steps=s["kd_steps"],
+            batch_size=s["kd_bs"],
+            lr=s["kd_lr"],
+            eval_every=max(1, s["kd_steps"] // 2),
+            warmup=10,
+        ),
+    }
+    for m in KD_METHODS:
+        rows[m.upper() if m != "all" else "ALL"] = kd(
+            f"kd_{m}", method=m, teacher=str(teacher), student=str(student)
+        )
+    rows["B-Distill (MoE student)"] = kd(
+        "kd_bdistill", method="bdistill", teacher=str(teacher), student=str(moe_student)
+    )
+    rows["teacher SFT"] = teacher
+    (run / "timings.json").write_text(json.dumps({**_load(run / "timings.json"), **timings}, indent=2))
+    return rows
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def evaluate(rows: dict[str, Path], files: dict[str, Path], s: dict, run: Path, console: Console) -> dict:
+    """ROUGE-L mean/std over seeds for each row on seen and unseen templates (cached per row)."""
+    cache = _load(run / "scores.json")
+    tests = {k: load_instructions(files[k]) for k in ("test_seen", "test_unseen")}
+    for row, path in rows.items():
+        if row in cache:
+            continue
+        console.print(f"scoring {row}")
+        model, tokenizer = load_model_and_tokenizer(path)
+        cache[row] = {
+            split: rouge_over_seeds(
+                model,
+                tokenizer,
+                ex,
+                seeds=SEEDS,
+                max_new_tokens=s["eval_new"],
+                max_prompt=s["max_prompt"],
+                batch_size=100,
+            ).summary()
+            for split, ex in tests.items()
+        }
+        (run / "scores.json").write_text(json.dumps(cache, indent=2))
+    return {row: cache[row] for row in rows}
+
+
+def verdict(scores: dict) -> list[str]:
+    """Plain sentences: do KA and SAR beat KD and GKD, by how much (in ROUGE-L points, vs seed std)."""
+    lines = []
+    for split in ("test_seen", "test_unseen"):
+        for new in ("KA", "SAR"):
+            for base in ("KD", "GKD"):
+                a, b = scores[new][split], scores[base][split]
+                diff = a["mean"] - b["mean"]
+                noise = math.sqrt(a["std"] ** 2 + b["std"] ** 2)
+                word = "beats" if diff > 0 else "does not beat"
+                lines.append(
+                    f"{split.replace('test_', '')}: {new} {word} {base} by {diff:+.2f} ROUGE-L "
+                    f"({a['mean']:.2f} vs {b['mean']:.2f}; seed std combined {noise:.2f}"
+                    f"{', within seed noise' if abs(diff) <= noise else ''})."
+                )
+    return lines
+
+
+def plot(scores: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(scores)
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for off, split, label in (
+        (-0.2, "test_seen", "seen templates"),
+        (0.2, "test_unseen", "unseen templates"),
+    ):
+        ax.bar(
+            [i + off for i in x],
+            [scores[n][split]["mean"] for n in names],
+            0.4,
+            yerr=[scores[n][split]["std"] for n in names],
+            label=label,
+            capsize=3,
+        )
+    ax.set_xticks(list(x), names, rotation=20, ha="right")
+    ax.set_ylabel("ROUGE-L F1 x100 (mean ± std over 5 seeds)")
+    ax.set_title("MoE -> student distillation on the T0 mix")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fast", action="store_true", help="tiny smoke run (minutes), results not written")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    console = Console()
+    if not DATA.exists():
+        console.print(f"[yellow]{DATA} is absent: the T0 distillation benchmark needs it; nothing to do.[/]")
+        return 0
+    torch.set_num_threads(args.threads)
+    s = settings(args.fast)
+    run = ROOT / "runs" / (NAME + ("_fast" if args.fast else ""))
+    run.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    files = prepare_data(run, s)
+    rows = train_all(run, files, s, console)
+    scores = evaluate(rows, files, s, run, console)
+
+    table = Table(title="ROUGE-L F1 x100 on T0 templates (mean ± std over seeds 10-50)")
+    for col in ("method", "seen", "unseen"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row, sc in scores.items():
+        table.add_row(
+            row, *(f"{sc[k]['mean']:.2f} ± {sc[k]['std']:.2f}" for k in ("test_seen", "test_unseen"))
+        )
+    console.print(table)
+    lines = verdict(scores)
+    for line in lines:
+        console.print(line)
+    if args.fast:
+        return 0
+    plot(scores, RESULTS / f"{NAME}.png")
+    path = write_result(
+        NAME,
+        {
+            "settings": s,
+            "models": {
+                "teacher": "mixtral preset (8 experts x 256, top-2, 4 layers, hidden 128)",
+                "student": "quick-student (dense Llama, 2 layers, hidden 64)",
+                "moe_student": "quick-moe-student (4 experts x 32, top-2, 2 layers, hidden 64)",
+            },
+            "data": {
+                "file": str(DATA),
+                **{k: sum(1 for _ in open(p)) for k, p in files.items()},
+                "split": "by template (task), 25% of templates unseen; prompts <= 600 chars, responses <= 16 words",
+            },
+            "protocol": "sampling temperature 1.0, top-p 1.0, top-k 0; ROUGE-L F1 (Porter stemmer) x100; seeds 10,20,30,40,50",
+            "scores": scores,
+            "verdict": lines,
+            "train_seconds": _load(run / "timings.json"),
+            "total_seconds_this_invocation": time.time() - t0,
+            "note": "CPU shared with other jobs; timings are indicative only.",
+            "anchor_eem_table1": {
+                "KD": 20.92,
+                "GKD": 25.07,
+                "ALL": 25.32,
+                "KA": 25.71,
+                "SAR": 25.91,
+                "student SFT": 21.82,
+                "teacher SFT": 24.75,
+            },
+        },
+    )
+    console.print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

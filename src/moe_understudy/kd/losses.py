@@ -1,0 +1,170 @@
+"""Distillation losses as pure functions of tensors.
+
+Conventions shared by every function here:
+- logits are upcast to fp32 inside; inputs are never modified;
+- token losses are reduced with `masked_mean`, the one masked-mean helper; an empty mask gives an
+  exact zero that still carries a gradient path (so `loss.backward()` works on a batch with no
+  response tokens);
+- `p` is the teacher distribution, `q` the student's, over the last dimension.
+
+Divergences (per token, summed over the vocabulary / experts):
+- forward KL   KL(p || q) = sum p (log p - log q)            (mode covering, classic KD)
+- reverse KL   KL(q || p) = sum q (log q - log p)            (mode seeking, MiniLLM / GKD / EEM)
+- skew forward KL (DistiLLM)  KL(p || a p + (1-a) q),  a = 0.1
+- skew reverse KL (DistiLLM)  KL(q || a q + (1-a) p),  a = 0.1
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of `values` (any shape) over positions where `mask` (same shape, bool/0-1) is set.
+
+    An empty mask returns `0 * values.sum()`: zero, with a gradient path, never NaN.
+    """
+    values = values.float()
+    if mask is None:
+        return values.mean() if values.numel() else values.sum() * 0.0
+    mask = mask.to(values.dtype)
+    denom = mask.sum()
+    if denom.item() == 0:
+        return (values * 0.0).sum()
+    return (values * mask).sum() / denom
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _kl_from_log_probs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(a || b) = sum a (log a - log b); (..., V) -> (...). Zero-probability terms drop."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+
+def forward_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(p_teacher || q_student) per token, masked mean. logits: (..., V), mask: (...)."""
+    return masked_mean(_kl_from_log_probs(_log_probs(teacher_logits), _log_probs(student_logits)), mask)
+
+
+def reverse_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(q_student || p_teacher) per token, masked mean. logits: (..., V), mask: (...)."""
+    return masked_mean(_kl_from_log_probs(_log_probs(student_logits), _log_probs(teacher_logits)), mask)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log(alpha * a + (1 - alpha) * b), computed stably in log space."""
+    if alpha <= 0.0:
+        return log_b
+    if alpha >= 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(alpha), log_b + math.log1p(-alpha))
+
+
+def skew_forward_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL."""
+    log_p, log_q = _log_probs(teacher_logits), _log_probs(student_logits)
+    return masked_mean(_kl_from_log_probs(log_p, _log_mix(log_p, log_q, alpha)), mask)
+
+
+def skew_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """DistiLLM skew reverse KL: KL(q || alpha q + (1 - alpha) p); alpha = 0 is reverse KL."""
+    log_p, log_q = _log_probs(teacher_logits), _log_probs(student_logits)
+    return masked_mean(_kl_from_log_probs(log_q, _log_mix(log_q, log_p, alpha)), mask)
+
+
+DIVERGENCES = {
+    "fkl": forward_kl,
+    "rkl": reverse_kl,
+    "skew_fkl": skew_forward_kl,
+    "skew_rkl": skew_reverse_kl,
+}
+
+
+def divergence(
+    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dispatch by name: one of fkl, rkl, skew_fkl, skew_rkl (skews use DistiLLM's 0.1)."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"Unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)}.")
+    return DIVERGENCES[name](student_logits, teacher_logits, mask)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of next-token `labels` (B, S) under `logits` (B, S, V) where `mask` (B, S) is set."""
+    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    return masked_mean(nll, mask)
+
+
+# ---- router losses --------------------------------------------------------------------------
+
+
+def router_kl(
+    student_router_logits: torch.Tensor, teacher_router_logits: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(p_teacher_router || q_student_router) per token; logits (T, E), mask (T,)."""
+    return forward_kl(student_router_logits, teacher_router_logits, mask)
+
+
+def router_entropy(router_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean per-token entropy (nats) of the router softmax; logits (T, E), mask (T,)."""
+    log_p = _log_probs(router_logits)
+    return masked_mean(-(log_p.exp() * log_p).sum(-1), mask)
+
+
+def entropy_floor_penalty(
+    router_logits: torch.Tensor, floor: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of relu(floor - H_t)^2 over tokens: penalises only routers more concentrated than `floor` nats."""
+    log_p = _log_probs(router_logits)
+    h = -(log_p.exp() * log_p).sum(-1)
+    return masked_mean(torch.relu(floor - h) ** 2, mask)
+
+
+def _cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation var(x) / mean(x)^2 (population variance); 0 for constant x."""
+    x = x.float()
+    mean = x.mean()
+    return x.var(unbiased=False) / (mean * mean + 1e-10)
+
+
+def load_balancing_loss(
+    router_logits: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """CV(tokens per expert)^2 + CV(summed gate probability per expert)^2 (Shazeer et al. 2017, EEM SAR).
+
+    router_logits: (T, E); indices: (T, k) experts chosen per token; mask: (T,) tokens that count.
+    The token-count term has no gradient (counts are discrete); the probability term carries it.
+    """
+    num_experts = router_logits.shape[-1]
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    keep = (
+        torch.ones(probs.shape[0], dtype=probs.dtype, device=probs.device) if mask is None else mask.to(probs)
+    )
+    if keep.sum().item() == 0:
+        return (router_logits.float() * 0.0).sum()
+    importance = (probs * keep[:, None]).sum(0)  # (E,)
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=probs.device)
+    chosen = indices.clamp_max(num_experts - 1)
+    weights = keep[:, None].expand_as(indices) * (indices < num_experts).to(probs)
+    counts.index_add_(0, chosen.reshape(-1), weights.reshape(-1))
+    return _cv_squared(counts) + _cv_squared(importance)

@@ -1,0 +1,277 @@
+"""`understudy kd`: distil a whole MoE teacher into a dense or smaller MoE student.
+
+One recipe (`KDRecipe`: setup / _loss_step / train / cleanup); the method only changes how the
+teacher routes, which tokens are distilled and which extra terms are added. Per step, with
+D the divergence (forward KL for `kd`, reverse KL `sum q (log q - log p)` otherwise):
+
+- ``kd``:   D on the dataset's responses, teacher routes natively.
+- ``gkd``:  D on responses the student samples itself (on-policy; `on_policy=False` uses the
+  dataset's responses instead, the off-policy variant).
+- ``all``:  as gkd, teacher runs every expert weighted by its full router softmax (router untouched).
+- ``ka``:   as gkd, teacher in Knowledge-Augmentation mode (N-1 experts, sampled with prob lambda);
+  M = `ka_passes` teacher passes per step, each giving one student update on the same responses.
+- ``sar``:  first a teacher-router step (only gate weights, own AdamW at `sar_lr`, all experts
+  active): minimise KL(teacher || student) with the student fixed + beta * load-balancing loss;
+  then the student's D step against the teacher with all experts active under the updated router.
+- ``bdistill`` (MoE student): both models route by Monte-Carlo exploration (see kd/teachers.py);
+  loss = D + router_kl_weight * sum_l KL(P_T,l || q_S,l) + entropy_weight * sum_l floor_l, where for
+  student MoE layer l the aligned teacher layer is floor(l * L_T / L_S), P_T,l groups the teacher's E_T
+  router probabilities into the student's E_S experts by contiguous blocks (teacher expert e counts for
+  student expert floor(e * E_S / E_T)), q_S,l is the student router softmax, and
+  floor_l = mean_t relu(entropy_floor * log E_S - H(q_S,l,t))^2 penalises routers that concentrate
+  below the floor. Means run over attended tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from moe_understudy.config import KDConfig
+from moe_understudy.data.packing import prompt_ids_batch
+from moe_understudy.errors import UserError
+from moe_understudy.eval.generate import sample_continuations
+from moe_understudy.kd import losses
+from moe_understudy.kd.common import InstructionRecipe, dataset_batch, lm_logits, set_special_tokens
+from moe_understudy.kd.teachers import RoutingRecorder, router_parameters, routing_mode
+from moe_understudy.moe.adapters import UnsupportedModelError, find_moe_layers
+from moe_understudy.moe.presets import PRESETS
+
+TEACHER_MODES = {"kd": None, "gkd": None, "all": "all", "ka": "ka", "sar": "all", "bdistill": "explore"}
+
+
+def same_tokenizer(a, b) -> bool:
+    """Two tokenizers agree when their vocabularies and special ids are identical."""
+    return a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+
+
+def grouped_router_log_probs(teacher_logits: torch.Tensor, student_experts: int) -> torch.Tensor:
+    """(T, E_T) teacher router logits -> (T, E_S) log of probabilities summed over contiguous expert groups."""
+    probs = torch.softmax(teacher_logits.float(), dim=-1)
+    e_t = probs.shape[-1]
+    group = torch.arange(e_t, device=probs.device) * student_experts // e_t  # (E_T,) student expert of each
+    grouped = torch.zeros(probs.shape[0], student_experts, device=probs.device).index_add_(1, group, probs)
+    return grouped.clamp_min(1e-12).log()
+
+
+def _selected(logits: torch.Tensor, target: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, S, V) -> (N, V): predictions of the N target tokens, cut to the tokenizer's vocabulary."""
+    return logits[:, :-1][target][:, :vocab]
+
+
+def sar_router_step(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    router_optimizer: torch.optim.Optimizer,
+    beta: float,
+    vocab: int,
+) -> dict[str, float]:
+    """SAR router step: with all experts active, move only the teacher's routers toward the fixed student.
+
+    loss = KL(teacher || student) over target tokens + beta * mean over layers of the load-balancing loss
+    (on the router's native top-k). `router_optimizer` must hold the router parameters only; every
+    other teacher parameter is expected frozen (requires_grad False), the student is not touched.
+    """
+    ids, att, target = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+    with torch.no_grad():
+        s_logits = _selected(lm_logits(student, ids, att), target, vocab)
+    rec = RoutingRecorder()
+    with routing_mode(teacher, "all", rec):
+        t_logits = _selected(lm_logits(teacher, ids, att), target, vocab)
+    kl = losses.forward_kl(s_logits, t_logits)  # KL(teacher || student); gradient reaches the routers only
+    tokens = att.reshape(-1).bool()
+    balance = torch.stack(
+        [
+            losses.load_balancing_loss(rec.logits(layer), rec.native_indices(layer), tokens)
+            for layer in rec.layers()
+        ]
+    ).mean()
+    loss = kl + beta * balance
+    router_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    router_optimizer.step()
+    router_optimizer.zero_grad(set_to_none=True)
+    return {"router_kl": float(kl.detach()), "balance": float(balance.detach())}
+
+
+class KDRecipe(InstructionRecipe):
+    """Whole-model distillation; see the module docstring for each method."""
+
+    kind = "kd"
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _setup_models(self) -> None:
+        from moe_understudy.kd.sft import model_for
+        from moe_understudy.teacher import load_model_and_tokenizer
+
+        cfg: KDConfig = self.cfg
+        self.teacher, self.tokenizer = load_model_and_tokenizer(cfg.teacher)
+        try:
+            find_moe_layers(self.teacher)
+        except UnsupportedModelError as err:
+            raise UserError(
+                f"The teacher {cfg.teacher} has no MoE layer; pass an MoE teacher (e.g. one made by `understudy sft --model mixtral`)."
+            ) from err
+        self.teacher.eval().requires_grad_(False)
+        if cfg.student in PRESETS:
+            self.model = model_for(cfg.student, self.tokenizer, cfg.max_total, cfg.seed)
+        elif Path(cfg.student).expanduser().exists():
+            self.model, student_tok = load_model_and_tokenizer(cfg.student)
+            if not same_tokenizer(student_tok, self.tokenizer):
+                raise UserError(
+                    f"The student {cfg.student} uses a different tokenizer than the teacher {cfg.teacher}; "
+                    f"start the student from a preset or a checkpoint trained with the teacher's tokenizer."
+                )
+            set_special_tokens(self.model, self.tokenizer)
+        else:
+            raise UserError(
+                f"--student {cfg.student!r} is neither a preset ({', '.join(PRESETS)}) nor a saved model folder; pass one of those."
+            )
+        self.vocab = len(self.tokenizer)
+        for name, m in (("teacher", self.teacher), ("student", self.model)):
+            if m.config.vocab_size < self.vocab:
+                raise UserError(
+                    f"The {name}'s vocabulary ({m.config.vocab_size}) is smaller than the tokenizer's ({self.vocab}); use a model built for this tokenizer."
+                )
+        if cfg.method == "bdistill":
+            try:
+                self.student_layers = find_moe_layers(self.model)
+            except UnsupportedModelError as err:
+                raise UserError(
+                    "B-Distill distils MoE to MoE; pass an MoE student (e.g. --student quick-moe-student)."
+                ) from err
+        self.router_optimizer = None
+        if cfg.method == "sar":
+            params = router_parameters(self.teacher)
+            for p in params:
+                p.requires_grad_(True)
+            self.router_optimizer = torch.optim.AdamW(params, lr=cfg.sar_lr, weight_decay=0.0)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # KA / exploration sampling
+
+    def _extra_state(self) -> dict:
+        if self.router_optimizer is None:
+            return {"generator": self.generator.get_state()}
+        return {
+            "generator": self.generator.get_state(),
+            "routers": [p.detach().clone() for p in router_parameters(self.teacher)],
+            "router_optimizer": self.router_optimizer.state_dict(),
+        }
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        if self.router_optimizer is not None:
+            with torch.no_grad():
+                for p, saved in zip(router_parameters(self.teacher), state["routers"], strict=True):
+                    p.copy_(saved)
+            self.router_optimizer.load_state_dict(state["router_optimizer"])
+
+    # ---- batches --------------------------------------------------------------------------
+    def _batch(self, examples) -> dict[str, torch.Tensor]:
+        """Dataset responses (kd, off-policy) or student-sampled ones (on-policy)."""
+        cfg: KDConfig = self.cfg
+        if cfg.method == "kd" or not cfg.on_policy:
+            batch = dataset_batch(examples, self.tokenizer, cfg.max_prompt, cfg.max_total)
+            return {k: batch[k] for k in ("input_ids", "attention_mask", "target_mask")}
+        return self._student_batch([e.prompt for e in examples])
+
+    def _student_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Left-padded prompts + the student's sampled responses (temperature 1, no top-k/p)."""
+        cfg: KDConfig = self.cfg
+        ids, att = prompt_ids_batch(prompts, self.tokenizer, max_prompt=cfg.max_prompt)
+        budget = max(1, min(cfg.gen_max_new_tokens, cfg.max_total - ids.shape[1]))
+        eos = int(self.tokenizer.eos_token_id)
+        new, mask = sample_continuations(
+            self.model, ids, att, eos_id=eos, pad_id=self.tokenizer.pad_token_id or eos, max_new_tokens=budget
+        )
+        input_ids = torch.cat([ids, new], dim=1)  # (B, S + n)
+        attention = torch.cat([att, mask.long()], dim=1)
+        target = torch.cat([torch.zeros_like(att, dtype=torch.bool), mask], dim=1)[:, 1:]  # (B, S + n - 1)
+        return {"input_ids": input_ids, "attention_mask": attention, "target_mask": target}
+
+    # ---- losses ---------------------------------------------------------------------------
+    def _teacher_context(self, recorder: RoutingRecorder | None = None):
+        mode = TEACHER_MODES[self.cfg.method]
+        if mode is None:
+            return contextlib.nullcontext()
+        return routing_mode(
+            self.teacher,
+            mode,
+            recorder,
+            ka_experts=self.cfg.ka_experts,
+            ka_lambda=self.cfg.ka_lambda,
+            explore_eps=self.cfg.explore_eps,
+            generator=self.generator,
+        )
+
+    def _selected_logits(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _selected(logits, target, self.vocab)
+
+    def _loss_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One student loss with each term separately (`loss` is their weighted sum)."""
+        cfg: KDConfig = self.cfg
+        ids, att, target = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+        t_rec = RoutingRecorder() if cfg.method == "bdistill" else None
+        with torch.no_grad(), self._teacher_context(t_rec):
+            t_logits = self._selected_logits(lm_logits(self.teacher, ids, att), target)
+        if cfg.method == "bdistill":
+            s_rec = RoutingRecorder()
+            with routing_mode(
+                self.model, "explore", s_rec, explore_eps=cfg.explore_eps, generator=self.generator
+            ):
+                s_logits = self._selected_logits(lm_logits(self.model, ids, att), target)
+        else:
+            s_logits = self._selected_logits(lm_logits(self.model, ids, att), target)
+        terms = {"distill": losses.divergence(cfg.loss_divergence, s_logits, t_logits)}
+        loss = terms["distill"]
+        if cfg.method == "bdistill":
+            router_kl, floor = self._router_terms(t_rec, s_rec, att.reshape(-1).bool())
+            terms.update(router_kl=router_kl, entropy_floor=floor)
+            loss = loss + cfg.router_kl_weight * router_kl + cfg.entropy_weight * floor
+        terms["loss"] = loss
+        return terms
+
+    def _router_terms(self, t_rec: RoutingRecorder, s_rec: RoutingRecorder, tokens: torch.Tensor):
+        """B-Distill: summed router KL to the aligned teacher layer and entropy-floor penalty."""
+        t_layers, s_layers = t_rec.layers(), s_rec.layers()
+        kl = floor = torch.zeros(())
+        for j, s_layer in enumerate(s_layers):
+            s_logits = s_rec.logits(s_layer)  # (T, E_S)
+            e_s = s_logits.shape[-1]
+            t_logits = t_rec.logits(t_layers[j * len(t_layers) // len(s_layers)]).detach()
+            kl = kl + losses.router_kl(s_logits, grouped_router_log_probs(t_logits, e_s), tokens)
+            floor = floor + losses.entropy_floor_penalty(
+                s_logits, self.cfg.entropy_floor * math.log(e_s), tokens
+            )
+        return kl, floor
+
+    def _router_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        return sar_router_step(
+            self.teacher, self.model, batch, self.router_optimizer, self.cfg.sar_beta, self.vocab
+        )
+
+    # ---- one step -------------------------------------------------------------------------
+    def _train_step(self, step: int, examples) -> dict[str, float]:
+        cfg: KDConfig = self.cfg
+        batch = self._batch(examples)
+        logged: dict[str, float] = {}
+        if cfg.method == "sar":
+            logged.update(self._router_step(batch))
+        for _ in range(cfg.ka_passes if cfg.method == "ka" else 1):
+            terms = self._loss_step(batch)
+            terms["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        logged.update({k: float(v.detach()) for k, v in terms.items()})
+        return logged
+
+
+def run_kd(cfg: KDConfig, out_dir: str | Path, resume: bool = False, console: Console | None = None) -> dict:
+    """Distil `cfg.teacher` into `cfg.student` by `cfg.method`; the best student by validation ROUGE-L lands in `out_dir`."""
+    recipe = KDRecipe(cfg, out_dir, resume=resume, console=console).setup()
+    return recipe.train()
