@@ -178,7 +178,10 @@ def main() -> None:
                 )
             )
 
-    def ep(name: str, **kw) -> dict:
+    caps = tuple(float(c) for c in args.capacities.split(","))
+
+    def ep(name: str, **kw) -> list[dict]:
+        """One torchrun launch; a row per (policy, capacity) run, named `name` + policy + cf."""
         cfg = EPConfig(
             model=args.model,
             max_blocks=args.max_blocks,
@@ -186,33 +189,44 @@ def main() -> None:
             out=str(work / name),
             **kw,
         )
-        console.print(f"[bold]{name}[/]: torchrun x{args.ranks}")
-        s = launch_ep(cfg, args.ranks)
-        return {"system": name, **{k: v for k, v in s.items() if k != "per_rank"}, "per_rank": s["per_rank"]}
+        console.print(
+            f"[bold]{name}[/]: torchrun x{args.ranks}, policies {cfg.policies}, capacities {cfg.capacities}"
+        )
+        runs = launch_ep(cfg, args.ranks)
+        return [
+            {
+                "system": name if r["policy"] == "full" else f"{r['policy']}-cf{r['capacity_factor']:g}",
+                **r,
+            }
+            for r in runs
+        ]
 
-    rows = [ep("full", policy="full")]
-    full = rows[0]
-    rows.append(ep("drop-cf1.0", policy="drop", capacity_factor=1.0))
-    for label, path in sets:
+    rows: list[dict] = []
+    for i, (label, path) in enumerate(sets):
         us = load_understudies(path, model)
         u0 = next(iter(us.values()))
         cost = u0.flops_per_token() / layer0.active_expert_flops_per_token()
         slots = int(u0.param_count() // expert_params)
-        for cf in (float(c) for c in args.capacities.split(",")):
-            r = ep(
-                f"understudy-{label}-cf{cf}", policy="understudy", capacity_factor=cf, understudies=str(path)
-            )
-            rows.append(
-                {
-                    **r,
-                    "understudy_cost": cost,
-                    "understudy_params": u0.param_count(),
-                    "equal_memory_slots": slots,
-                }
-            )
+        policies = ("full", "drop", "understudy") if i == 0 else ("understudy",)
+        for r in ep(
+            "full" if i == 0 else f"contiguous-{label}",
+            policies=policies,
+            capacities=caps,
+            understudies=str(path),
+        ):
+            if r["policy"] == "understudy":
+                r.update(
+                    system=f"{r['system']} ({label})",
+                    understudy=label,
+                    understudy_cost=cost,
+                    understudy_params=u0.param_count(),
+                    equal_memory_slots=slots,
+                )
+            rows.append(r)
         if slots >= 1 and not any(r["system"] == f"replication-extra{slots}" for r in rows):
-            r = ep(f"replication-extra{slots}", policy="full", placement="replicate", extra_slots=slots)
-            rows.append({**r, "equal_memory_to": label})
+            for r in ep(f"replication-extra{slots}", placement="replicate", extra_slots=slots):
+                rows.append({**r, "equal_memory_to": label})
+    full = next(r for r in rows if r["system"] == "full")
     calib = train[:64]
     spec = speculative_row(
         model,

@@ -409,8 +409,8 @@ def ep_evaluate(
     model: Annotated[Optional[str], typer.Option(help="Saved MoE model folder (default runs/teacher).")] = None,
     nproc: Annotated[int, typer.Option(help="Processes (ranks) to launch through torchrun; experts are spread over them.")] = 2,
     understudies: Annotated[Optional[str], typer.Option(help="Folder from `understudy distill`; needed by understudy/layer/deadline/shadow.")] = None,
-    policy: Annotated[Optional[str], typer.Option(help="Overflow policy: full, drop, drop_renorm, reroute, understudy, shadow, layer, deadline.")] = None,
-    capacity_factor: Annotated[Optional[float], typer.Option(help="Capacity over the GLOBAL batch: ceil(cf * tokens of all ranks * k / experts).")] = None,
+    policies: Annotated[Optional[str], typer.Option(help="Comma-separated policies run in one launch: full, drop, drop_renorm, reroute, understudy, shadow, layer, deadline.")] = None,
+    capacities: Annotated[Optional[str], typer.Option(help="Comma-separated capacity factors (every policy but full), over the GLOBAL batch: ceil(cf * tokens of all ranks * k / experts).")] = None,
     priority: Annotated[Optional[str], typer.Option(help="Which assignments overflow first: position or score.")] = None,
     placement: Annotated[Optional[str], typer.Option(help="contiguous, replicate (hot experts, measured on train blocks) or a JSON file with expert_to_rank.")] = None,
     extra_slots: Annotated[Optional[int], typer.Option(help="With --placement replicate: expert slots per rank beyond ceil(experts / ranks).")] = None,
@@ -421,7 +421,7 @@ def ep_evaluate(
     out: Annotated[Optional[str], typer.Option(help="Output folder: ep.json (summary + per-rank, per-step records), ep.yaml.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="Read options from an ep.yaml (flags given here override it).")] = None,
 ) -> None:
-    """Evaluate one policy under real expert parallelism over NPROC local processes (torchrun, gloo on CPU)."""
+    """Evaluate policies under real expert parallelism over NPROC local processes (torchrun; gloo on CPU, nccl on GPU)."""
     from moe_understudy.config import EPConfig
     from moe_understudy.runtime.ep import launch_ep
 
@@ -431,8 +431,8 @@ def ep_evaluate(
             **_given(
                 model=model,
                 understudies=understudies,
-                policy=policy,
-                capacity_factor=capacity_factor,
+                policies=_csv(policies),
+                capacities=_csv(capacities, float),
                 priority=priority,
                 placement=placement,
                 extra_slots=extra_slots,
@@ -447,12 +447,10 @@ def ep_evaluate(
         raise UserError(str(err)) from err
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}.")
-    summary = launch_ep(cfg, nproc)
-    console.print(
-        f"[bold green]{summary['policy']} over {summary['ranks']} ranks[/]: perplexity {summary['perplexity']:.3f}, "
-        f"all-to-all {summary['a2a_bytes'] / 1e6:.2f} MB, max/mean rank load {summary['max_over_mean_rank_load']:.2f}, "
-        f"comm {summary['comm_s']:.2f}s vs compute {summary['compute_s']:.2f}s; wrote {cfg.out}/ep.json"
-    )
+    from moe_understudy.runtime.ep import runs_table
+
+    console.print(runs_table(launch_ep(cfg, nproc), title=f"expert parallelism over {nproc} ranks ({cfg.placement})"))
+    console.print(f"wrote {cfg.out}/ep.json")
 
 
 # ---- end section: parallel ---------------------------------------------------------------------

@@ -413,8 +413,8 @@ class EPConfig(StageConfig):
 
     model: str = "runs/teacher"  # saved MoE model folder with its tokenizer (and cached blocks.pt)
     understudies: str | None = None  # folder written by `understudy distill`; needed by understudy/layer/deadline/shadow
-    policy: str = "full"  # load-aware policy applied with capacity over the GLOBAL batch (all ranks)
-    capacity_factor: float = 1.0  # per-expert capacity = ceil(cf * global tokens * k / E)
+    policies: tuple[str, ...] = ("full",)  # policies run in one launch (capacity over the GLOBAL batch of all ranks)
+    capacities: tuple[float, ...] = (1.0,)  # capacity factors for every policy but full: ceil(cf * global tokens * k / E)
     priority: str = "position"  # position | score
     placement: str = "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file
     extra_slots: int = 0  # replicate: expert slots per rank beyond ceil(E / ranks) (the memory budget)
@@ -428,12 +428,13 @@ class EPConfig(StageConfig):
     def __post_init__(self) -> None:
         from moe_understudy.runtime.policies import POLICIES, PRIORITIES
 
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}.")
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            raise ValueError(f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(self.policies)}.")
         if self.priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
-        if self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}.")
+        if not self.capacities or any(c <= 0 for c in self.capacities):
+            raise ValueError(f"capacities must be positive numbers, got {list(self.capacities)}.")
         if self.extra_slots < 0 or self.max_blocks <= 0 or self.blocks_per_rank <= 0 or self.timeout_s <= 0:
             raise ValueError("extra_slots must be >= 0; max_blocks, blocks_per_rank and timeout_s positive.")
         if self.backend not in ("auto", "gloo", "nccl"):

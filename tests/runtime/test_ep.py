@@ -16,18 +16,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # Imported here, before the workers fork, so that no worker pays for importing transformers again.
-from moe_understudy.config import RuntimeConfig
+from moe_understudy.config import EPConfig, RuntimeConfig
 from moe_understudy.moe.adapters import find_moe_layers
-from moe_understudy.moe.presets import build_model, preset_config
-from moe_understudy.runtime.ep import EPRecorder, PeerFailure, patch_ep
+from moe_understudy.moe.presets import TINY_FAMILIES, build_model, preset_config, tiny_config
+from moe_understudy.runtime.ep import EPRecorder, PeerFailure, patch_ep, sweep_runs
 from moe_understudy.runtime.layer import patch, unpatch
 from moe_understudy.runtime.placement import plan_placement, replicate_hot_experts
 from moe_understudy.understudy.modules import build_understudy
 
 pytestmark = pytest.mark.dist
 
-# Build one model in the parent so that the model classes are loaded before forking.
+# Build the models once in the parent so that the model classes are loaded before forking.
 build_model(preset_config("quick", vocab_size=300), seed=0)
+for _family in TINY_FAMILIES:
+    build_model(tiny_config(_family), seed=0)
 
 ALL_POLICIES = ("full", "drop", "drop_renorm", "reroute", "understudy", "shadow", "layer", "deadline")
 
@@ -50,7 +52,13 @@ def _stand_ins(model, policy):
     return {m.index: build_understudy(arch, m, seed=m.index, intermediate=32) for m in find_moe_layers(model)}
 
 
-def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir):
+def _model(family):
+    if family is None:
+        return build_model(preset_config("quick", vocab_size=300), seed=0), 300
+    return build_model(tiny_config(family), seed=0), 97
+
+
+def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir, family=None):
 
     _join(rank, world, port)
     passed = []  # (bytes of the input tensor, input splits) of every all_to_all_single call
@@ -61,14 +69,15 @@ def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir):
         return real(output, input, output_split_sizes, input_split_sizes, **kw)
 
     dist.all_to_all_single = spy
-    model = build_model(preset_config("quick", vocab_size=300), seed=0)
-    ids = torch.randint(0, 300, (2 * world, 16), generator=torch.Generator().manual_seed(1))
+    model, vocab = _model(family)
+    ids = torch.randint(0, vocab, (2 * world, 16), generator=torch.Generator().manual_seed(1))
     mine = slice(2 * rank, 2 * rank + 2)
     if placement_kind == "replicate":
         load = torch.tensor([[50.0, 5, 5, 5], [5, 50, 5, 5]])
         placement = replicate_hot_experts(load, world, slots_per_rank=3 if world == 2 else 2)
     else:
-        placement = plan_placement(2, 4, world)
+        moe = find_moe_layers(model)
+        placement = plan_placement(len(moe), moe[0].num_experts, world)
     result = {}
     for policy in policies:
         stand_ins = _stand_ins(model, policy)
@@ -97,10 +106,10 @@ def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir):
     dist.destroy_process_group()
 
 
-def _run(world, policies, placement_kind, tmp_path):
+def _run(world, policies, placement_kind, tmp_path, family=None):
     mp.start_processes(
         _equivalence_worker,
-        args=(world, free_port(), policies, placement_kind, tmp_path),
+        args=(world, free_port(), policies, placement_kind, tmp_path, family),
         nprocs=world,
         start_method="fork",
     )
@@ -125,6 +134,23 @@ def test_four_rank_ep_with_replicated_hot_experts_equals_one_process(tmp_path):
             assert rank[policy]["max_diff"] < 1e-5
     loads = [sum(r["rank_load"] for r in rank["full"]["records"]) for rank in ranks]
     assert min(loads) > 0  # every rank computed expert work
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "olmoe", "qwen3_moe"])
+def test_ep_equals_one_process_for_other_families(tmp_path, family):
+    for rank in _run(2, ("full", "understudy"), "contiguous", tmp_path, family):
+        assert rank["full"]["max_diff"] < 1e-5 and rank["understudy"]["max_diff"] < 1e-5
+
+
+def test_a_sweep_runs_full_once_and_every_other_policy_at_every_capacity():
+    cfg = EPConfig(policies=("drop", "full", "understudy"), capacities=(0.5, 1.0))
+    assert sweep_runs(cfg) == [
+        ("full", 1.0),
+        ("drop", 0.5),
+        ("drop", 1.0),
+        ("understudy", 0.5),
+        ("understudy", 1.0),
+    ]
 
 
 def test_byte_counters_equal_the_sizes_passed_to_all_to_all(two_ranks):

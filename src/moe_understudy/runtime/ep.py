@@ -416,12 +416,20 @@ def build_placement(
     return plan_placement(L, E, world, path=cfg.placement)
 
 
-def run_ep_evaluation(cfg: EPConfig) -> dict:
-    """Perplexity and per-rank traffic of `cfg.policy` under expert parallelism (call on every rank).
+def sweep_runs(cfg: EPConfig) -> list[tuple[str, float]]:
+    """(policy, capacity factor) pairs of one launch: `full` once, every other policy at every capacity."""
+    runs = [("full", 1.0)] if "full" in cfg.policies else []
+    return runs + [(p, cf) for p in cfg.policies if p != "full" for cf in cfg.capacities]
 
-    Rank 0 writes `cfg.out`/ep.json (summary + every rank's per-layer, per-step records) and ep.yaml.
-    Returns the summary on every rank.
+
+def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
+    """Perplexity and per-rank traffic of every policy x capacity of `cfg` under expert parallelism.
+
+    Call on every rank. The model is loaded and its experts placed once; the runs of the sweep
+    reuse them. Rank 0 writes `cfg.out`/ep.json (one summary per run, the placement, and every
+    rank's per-layer, per-step records per run) and ep.yaml. Returns the summaries on every rank.
     """
+    from moe_understudy.runtime.layer import _check_stand_in
     from moe_understudy.sim.workflow import eval_blocks
     from moe_understudy.teacher import load_model_and_tokenizer
 
@@ -435,49 +443,62 @@ def run_ep_evaluation(cfg: EPConfig) -> dict:
 
             understudies = load_understudies(cfg.understudies, model, device=device)
         blocks = eval_blocks(cfg.model, tokenizer, cfg)
-        cache = Path(cfg.model) / "blocks.pt"
-        calibration = torch.load(cache)["train"][:32] if cache.is_file() else None
-        placement = build_placement(cfg, model, world, calibration)
-        recorder = EPRecorder(rank, world)
-        runtime = RuntimeConfig(policy=cfg.policy, capacity_factor=cfg.capacity_factor, priority=cfg.priority)
-        patch_ep(model, placement, understudies, runtime, recorder)
         per_step = world * cfg.blocks_per_rank
         steps = len(blocks) // per_step
         if steps == 0:
             raise UserError(
-                f"{len(blocks)} blocks cannot fill one step of {world} ranks x {cfg.blocks_per_rank} blocks; lower --blocks-per-rank."
+                f"{len(blocks)} blocks cannot fill one step of {world} ranks x {cfg.blocks_per_rank} blocks; "
+                f"lower --blocks-per-rank."
             )
-        nll = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token NLL, tokens)
-        t_start = time.perf_counter()
-        with torch.no_grad():
-            for step in range(steps):
-                recorder.step = step
-                start = step * per_step + rank * cfg.blocks_per_rank
-                ids = blocks[start : start + cfg.blocks_per_rank].to(device)
-                logits = model(input_ids=ids).logits[:, :-1].float()
-                nll[0] += nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-                ).double()
-                nll[1] += ids[:, 1:].numel()
-        wall = time.perf_counter() - t_start
-        _collective("all_reduce(loss)", dist.all_reduce, nll)
-        gathered: list = [None] * world
-        _collective("all_gather_object(stats)", dist.all_gather_object, gathered, recorder.records)
-        records = [r for part in gathered for r in part]
-        summary = summarize(records, world, float(torch.exp(nll[0] / nll[1])), steps, cfg, placement, wall)
+        cache = Path(cfg.model) / "blocks.pt"
+        calibration = torch.load(cache)["train"][:32] if cache.is_file() else None
+        placement = build_placement(cfg, model, world, calibration)
+        wrappers = patch_ep(model, placement, understudies, RuntimeConfig())
+        summaries, all_records = [], {}
+        for policy, cf in sweep_runs(cfg):
+            runtime = RuntimeConfig(policy=policy, capacity_factor=cf, priority=cfg.priority)
+            recorder = EPRecorder(rank, world)
+            for w in wrappers:
+                _check_stand_in(policy, w.moe, w.understudy)
+                w.config, w.ep_recorder = runtime, recorder
+            nll, wall = _evaluate(model, blocks, steps, per_step, rank, cfg.blocks_per_rank, recorder, device)
+            gathered: list = [None] * world
+            _collective("all_gather_object(stats)", dist.all_gather_object, gathered, recorder.records)
+            records = [r for part in gathered for r in part]
+            summary = summarize(records, world, float(torch.exp(nll[0] / nll[1])), steps, placement, wall)
+            summaries.append({"policy": policy, "capacity_factor": cf, "placement": cfg.placement, **summary})
+            all_records[f"{policy}@{cf}"] = records
         if rank == 0:
             out = Path(cfg.out)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "ep.json").write_text(
-                json.dumps(
-                    {"summary": summary, "placement": placement.to_json(), "records": records}, indent=1
-                )
-            )
+            payload = {"runs": summaries, "placement": placement.to_json(), "records": all_records}
+            (out / "ep.json").write_text(json.dumps(payload, indent=1))
             cfg.to_yaml(out / "ep.yaml")
-        return summary
+        return summaries
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@torch.no_grad()
+def _evaluate(
+    model, blocks, steps, per_step, rank, blocks_per_rank, recorder, device
+) -> tuple[torch.Tensor, float]:
+    """(summed token NLL, tokens) over all ranks, and this rank's wall time; rank r feeds its slice of each step."""
+    nll = torch.zeros(2, dtype=torch.float64, device=device)
+    t_start = time.perf_counter()
+    for step in range(steps):
+        recorder.step = step
+        start = step * per_step + rank * blocks_per_rank
+        ids = blocks[start : start + blocks_per_rank].to(device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        nll[0] += nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        ).double()
+        nll[1] += ids[:, 1:].numel()
+    wall = time.perf_counter() - t_start
+    _collective("all_reduce(loss)", dist.all_reduce, nll)
+    return nll, wall
 
 
 def summarize(
@@ -485,7 +506,6 @@ def summarize(
     world: int,
     perplexity: float,
     steps: int,
-    cfg: EPConfig,
     placement: Placement,
     wall: float,
 ) -> dict:
@@ -515,9 +535,6 @@ def summarize(
         }
     tokens = sum(r["tokens"] for r in records)
     return {
-        "policy": cfg.policy,
-        "capacity_factor": cfg.capacity_factor,
-        "placement": cfg.placement,
         "slots_per_rank": placement.slots_per_rank,
         "ranks": world,
         "steps": steps,
@@ -535,8 +552,40 @@ def summarize(
     }
 
 
-def launch_ep(cfg: EPConfig, nproc: int) -> dict:
-    """Run `run_ep_evaluation` on `nproc` local processes through torchrun; return rank 0's summary.
+def runs_table(runs: list[dict], title: str = "expert parallelism"):
+    """Rich table of run summaries: perplexity, all-to-all bytes, rank balance, comm vs compute."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in (
+        "policy",
+        "cf",
+        "perplexity",
+        "a2a MB",
+        "max/mean load",
+        "max/mean work",
+        "understudy",
+        "comm s",
+        "compute s",
+    ):
+        t.add_column(c, justify="left" if c == "policy" else "right")
+    for r in runs:
+        t.add_row(
+            r["policy"],
+            f"{r['capacity_factor']:g}" if r["policy"] != "full" else "",
+            f"{r['perplexity']:.3f}",
+            f"{r['a2a_bytes'] / 1e6:.2f}",
+            f"{r['max_over_mean_rank_load']:.3f}",
+            f"{r['max_over_mean_rank_work']:.3f}",
+            f"{r['understudy_token_fraction']:.1%}",
+            f"{r['comm_s']:.2f}",
+            f"{r['compute_s']:.2f}",
+        )
+    return t
+
+
+def launch_ep(cfg: EPConfig, nproc: int) -> list[dict]:
+    """Run `run_ep_evaluation` on `nproc` local processes through torchrun; return the run summaries.
 
     This is what `understudy ep --nproc N` (and `evaluate --ep N`) call. Already inside torchrun
     (RANK set), it runs in-process instead.
@@ -562,7 +611,7 @@ def launch_ep(cfg: EPConfig, nproc: int) -> dict:
         raise UserError(
             f"Expert-parallel run over {nproc} processes failed (exit {done.returncode}); see the rank logs above."
         )
-    return json.loads((out / "ep.json").read_text())["summary"]
+    return json.loads((out / "ep.json").read_text())["runs"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -570,9 +619,10 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: torchrun --nproc-per-node N -m moe_understudy.runtime.ep EP_YAML")
-    summary = run_ep_evaluation(EPConfig.from_yaml(args[0]))
+    summaries = run_ep_evaluation(EPConfig.from_yaml(args[0]))
     if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "per_rank"}, indent=1))
+        for s in summaries:
+            print(json.dumps({k: v for k, v in s.items() if k != "per_rank"}))
 
 
 if __name__ == "__main__":
