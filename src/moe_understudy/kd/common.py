@@ -135,6 +135,10 @@ def validation_rouge(
     return scores.overall[0]
 
 
+def _fmt_terms(terms: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -250,10 +254,13 @@ class InstructionRecipe:
                     step, step_examples(self.train_examples, step, cfg.batch_size, cfg.seed)
                 )
                 record = {"step": step + 1, "lr": lr, **terms}
+                self.history.append(record)  # before the checkpoint, which stores the history
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                     record["val_rouge_l"] = self._evaluate_and_keep()
                     self._save_checkpoint(step + 1)
-                self.history.append(record)
+                if not self.console.is_terminal and (step + 1) % max(1, cfg.steps // 10) == 0:
+                    # logs written to files get a line per tenth of the run instead of a live bar
+                    self.console.print(f"{self.kind} step {step + 1}/{cfg.steps}: " + _fmt_terms(terms))
                 progress.update(task, advance=1, info=" ".join(f"{k} {v:.3f}" for k, v in terms.items()))
         return self.cleanup()
 
