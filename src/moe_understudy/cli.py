@@ -330,6 +330,33 @@ def evaluate(
     run_evaluation(cfg, console)
 
 
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder; every finished stage in it is reused, so a rerun resumes.")] = Path("runs/demo"),
+    teacher: Annotated[Optional[Path], typer.Option(help="Use this trained teacher instead of training one in OUT/teacher.")] = None,
+    arch: Annotated[str, typer.Option(help="Understudy architecture: dense, lowrank, merged, small_moe or shadows.")] = "dense",
+    intermediate: Annotated[Optional[int], typer.Option(help="Understudy intermediate size (default: one expert's).")] = None,
+    e2e_steps: Annotated[Optional[int], typer.Option(help="End-to-end KL steps after layer-wise distillation (0 skips).")] = None,
+    capacity: Annotated[Optional[str], typer.Option(help="Comma-separated capacity factors (default 0.5,0.75,1,1.25).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Seconds-long smoke run on the quick preset.")] = False,
+) -> None:
+    """The whole pipeline on the default corpus: teacher, capture, distil, evaluate, report (~15 min on 2 cores)."""
+    from moe_understudy.config import DemoConfig
+    from moe_understudy.demo import run_demo
+
+    cfg = DemoConfig(
+        out=str(out),
+        teacher=str(teacher) if teacher else None,
+        quick=quick,
+        arch=arch,
+        intermediate=intermediate,
+        **_given(e2e_steps=e2e_steps, capacities=_csv(capacity, float)),
+    )
+    run_demo(cfg, console=console)
+
+
 # ---- end section: runtime ----------------------------------------------------------------------
 
 # ---- section: parallel (simulate, ep) ----------------------------------------------------------

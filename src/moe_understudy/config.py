@@ -505,3 +505,27 @@ class SimConfig(StageConfig):
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}.")
         if self.zipf < 0 or self.synthetic_experts < 2 or not 1 <= self.top_k < self.synthetic_experts:
             raise ValueError("zipf must be >= 0, synthetic_experts >= 2 and 1 <= top_k < synthetic_experts.")
+
+
+# ---- demo ----
+@dataclass(frozen=True)
+class DemoConfig(StageConfig):
+    """The whole pipeline on the embedded default (`understudy demo`): teacher -> capture -> distil -> evaluate."""
+
+    out: str = "runs/demo"  # run folder: teacher/, store/, understudies/, eval/ (each stage reused when done)
+    teacher: str | None = None  # an existing teacher folder to use instead of training runs/demo/teacher
+    quick: bool = False  # seconds-long smoke run on the quick preset (tests)
+    arch: str = "dense"  # understudy architecture
+    intermediate: int | None = None  # understudy intermediate size (None: one expert's, cost 0.5 at top-2)
+    capture_tokens: int = 131_072  # captured training tokens for layer-wise distillation
+    distill_steps: int = 1500  # layer-wise steps per layer (early stop may end sooner)
+    e2e_steps: int = 300  # end-to-end KL steps after the layer-wise stage (0 = skip)
+    policies: tuple[str, ...] = ("full", "drop", "drop_renorm", "reroute", "understudy", "layer", "deadline")
+    capacities: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)  # capacity factors swept
+    eval_blocks: int = 64  # held-out blocks of 128 tokens for the evaluation
+
+    def __post_init__(self) -> None:
+        if self.capture_tokens <= 0 or self.distill_steps <= 0 or self.e2e_steps < 0 or self.eval_blocks <= 0:
+            raise ValueError("capture_tokens, distill_steps and eval_blocks must be positive; e2e_steps >= 0.")
+        if not self.capacities or any(c <= 0 for c in self.capacities):
+            raise ValueError("capacities must be positive capacity factors.")
