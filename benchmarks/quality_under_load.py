@@ -40,7 +40,12 @@ def parse_args():
     p.add_argument("--model", default="runs/teacher", help="saved teacher folder")
     p.add_argument("--understudies", action="append", default=[], help="understudy folder (repeatable)")
     p.add_argument("--shadows", default=None, help="shadows folder (`understudy distill --arch shadows`)")
-    p.add_argument("--intermediate", default="256,512", help="auto-distilled dense sets: intermediate sizes")
+    p.add_argument(
+        "--intermediate", default="128,256,512", help="auto-distilled dense sets: intermediate sizes"
+    )
+    p.add_argument(
+        "--shadow-width", type=int, default=128, help="auto-fitted shadows: per-expert width (0 = none)"
+    )
     p.add_argument("--distill-steps", type=int, default=1500, help="auto-distill: layer-wise steps per layer")
     p.add_argument(
         "--capture-tokens", type=int, default=131_072, help="auto-distill: captured training tokens"
@@ -56,9 +61,10 @@ def parse_args():
 
 
 def auto_understudies(
-    model_dir: str, work: Path, intermediates: list[int], steps: int, tokens: int
-) -> list[str]:
-    """Dense understudy sets fitted layer-wise with MSE on a capture store, by the library's pieces (cached)."""
+    model_dir: str, work: Path, intermediates: list[int], steps: int, tokens: int, shadow_width: int = 0
+) -> tuple[list[str], str | None]:
+    """Dense understudy sets (and a shadows set when `shadow_width`) fitted layer-wise with MSE on a
+    capture store, by the library's pieces (cached in `work`)."""
     from moe_understudy.capture import CaptureStore, default_data_config, run_capture
     from moe_understudy.config import CaptureConfig
     from moe_understudy.teacher import load_model_and_tokenizer
@@ -74,24 +80,27 @@ def auto_understudies(
         run_capture(cfg, console=console)
     store = CaptureStore(store_dir)
     model, _ = load_model_and_tokenizer(model_dir)
-    out = []
-    for inter in intermediates:
-        folder = work / f"dense-{inter}"
+
+    def fitted(name: str, arch: str, **kw) -> str:
+        folder = work / name
         if not (folder / "config.json").exists():
             sets = {}
             for layer in find_moe_layers(model):
-                module = build_understudy("dense", layer, seed=layer.index, intermediate=inter)
-                with console.status(f"layer-wise MSE fit: dense {inter}, layer {layer.index}"):
+                module = build_understudy(arch, layer, seed=layer.index, **kw)
+                with console.status(f"layer-wise MSE fit: {name}, layer {layer.index}"):
                     fit = fit_layer(
                         module, store.load(layer.index, "train"), store.load(layer.index, "val"), steps=steps
                     )
                 console.print(
-                    f"dense {inter} layer {layer.index}: held-out rel. error {fit.val_error:.4f} after {fit.steps} steps"
+                    f"{name} layer {layer.index}: held-out rel. error {fit.val_error:.4f} after {fit.steps} steps"
                 )
                 sets[layer.index] = module.eval()
             save_understudies(folder, sets, model)
-        out.append(str(folder))
-    return out
+        return str(folder)
+
+    dense = [fitted(f"dense-{inter}", "dense", intermediate=inter) for inter in intermediates]
+    shadows = fitted(f"shadows-{shadow_width}", "shadows", width=shadow_width) if shadow_width > 0 else None
+    return dense, shadows
 
 
 def main() -> None:
@@ -106,13 +115,17 @@ def main() -> None:
     from moe_understudy.capture import default_data_config
 
     blocks = natural_blocks(args.model, default_data_config(args.model), tokenizer, args.blocks)
-    sets = args.understudies or auto_understudies(
-        args.model,
-        Path(args.work),
-        [int(i) for i in args.intermediate.split(",")],
-        args.distill_steps,
-        args.capture_tokens,
-    )
+    sets, shadows = args.understudies, args.shadows
+    if not sets:
+        sets, auto_shadows = auto_understudies(
+            args.model,
+            Path(args.work),
+            [int(i) for i in args.intermediate.split(",")],
+            args.distill_steps,
+            args.capture_tokens,
+            0 if shadows else args.shadow_width,
+        )
+        shadows = shadows or auto_shadows
     common = dict(batch_size=args.batch_size, num_devices=args.devices, priority="position")
     t0 = time.time()
     rows = evaluate_policies(model, None, blocks, ["drop", "drop_renorm", "reroute"], capacities, **common)
@@ -141,8 +154,8 @@ def main() -> None:
             }
             for r in got[1:]
         ]
-    if args.shadows:
-        sh = load_understudies(args.shadows, model)
+    if shadows:
+        sh = load_understudies(shadows, model)
         got = evaluate_policies(model, sh, blocks, ["shadow"], capacities, **common)
         cost = understudy_cost(model, sh)
         rows += [
@@ -150,7 +163,7 @@ def main() -> None:
                 **r,
                 "policy": f"shadow (cost {cost:.2f})",
                 "base_policy": "shadow",
-                "understudies": args.shadows,
+                "understudies": shadows,
             }
             for r in got[1:]
         ]
@@ -183,7 +196,7 @@ def main() -> None:
             "priority": "position",
             "capacities": capacities,
             "understudy_sets": sets,
-            "shadows": args.shadows,
+            "shadows": shadows,
             "seconds": round(seconds, 1),
             "notes": "Capacity ceil(cf*T*k/E) per layer and step of batch_size x block_size tokens; every system "
             "compared with full on the same batches in one run. bytes_per_token: dispatch + combine over "
