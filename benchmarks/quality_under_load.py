@@ -11,6 +11,8 @@ Understudies come from `understudy distill` folders (--understudies, repeatable;
 makes dense sets itself through the library's own capture + distill workflows (cached in --work).
 
     .venv/bin/python benchmarks/quality_under_load.py --model runs/teacher
+    .venv/bin/python benchmarks/quality_under_load.py --model runs/teacher --scenario domain_shift
+    .venv/bin/python benchmarks/quality_under_load.py --model runs/teacher --scenario hot_expert
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from _common import RESULTS, write_result  # noqa: E402
 from moe_understudy.eval.quality import evaluate_policies, understudy_cost  # noqa: E402
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
 from moe_understudy.report import plot_quality_vs_bytes, print_table  # noqa: E402
-from moe_understudy.runtime.scenarios import natural_blocks  # noqa: E402
+from moe_understudy.runtime.scenarios import domain_shift_blocks, hot_expert_bias, natural_blocks  # noqa: E402
 
 NAME = "quality_under_load"
 console = Console(stderr=True)
@@ -56,7 +58,12 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=8, help="blocks per step (capacity is per step)")
     p.add_argument("--devices", type=int, default=4, help="devices for all-to-all byte counting")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--name", default=NAME, help="result name under benchmarks/results")
+    p.add_argument("--scenario", default="natural", choices=["natural", "domain_shift", "hot_expert"])
+    p.add_argument(
+        "--hot-expert", type=int, default=0, help="hot_expert scenario: expert raised in every layer"
+    )
+    p.add_argument("--hot-bias", type=float, default=2.0, help="hot_expert scenario: router logit bias")
+    p.add_argument("--name", default=None, help="result name under benchmarks/results (default by scenario)")
     return p.parse_args()
 
 
@@ -114,7 +121,22 @@ def main() -> None:
     layers = find_moe_layers(model)
     from moe_understudy.capture import default_data_config
 
-    blocks = natural_blocks(args.model, default_data_config(args.model), tokenizer, args.blocks)
+    data = default_data_config(args.model)
+    if args.scenario == "domain_shift":
+        blocks = domain_shift_blocks(tokenizer, data.block_size, args.blocks)
+    else:
+        blocks = natural_blocks(args.model, data, tokenizer, args.blocks)
+    bias = (
+        hot_expert_bias(layers[0].num_experts, args.hot_expert, args.hot_bias)
+        if args.scenario == "hot_expert"
+        else None
+    )
+    name = args.name or (NAME if args.scenario == "natural" else f"{NAME}_{args.scenario}")
+    text = {
+        "natural": "natural held-out text",
+        "domain_shift": "domain shift (prose)",
+        "hot_expert": f"hot expert {args.hot_expert} (+{args.hot_bias:g} logit)",
+    }[args.scenario]
     sets, shadows = args.understudies, args.shadows
     if not sets:
         sets, auto_shadows = auto_understudies(
@@ -126,7 +148,7 @@ def main() -> None:
             0 if shadows else args.shadow_width,
         )
         shadows = shadows or auto_shadows
-    common = dict(batch_size=args.batch_size, num_devices=args.devices, priority="position")
+    common = dict(batch_size=args.batch_size, num_devices=args.devices, priority="position", logit_bias=bias)
     t0 = time.time()
     rows = evaluate_policies(model, None, blocks, ["drop", "drop_renorm", "reroute"], capacities, **common)
     for folder in sets:
@@ -174,18 +196,19 @@ def main() -> None:
     print_table(
         rows,
         Console(),
-        title=f"quality under load: natural text, {args.blocks} blocks, batch {args.batch_size} x {blocks.shape[1]}",
+        title=f"quality under load: {text}, {len(blocks)} blocks, batch {args.batch_size} x {blocks.shape[1]}",
     )
-    png = plot_quality_vs_bytes(
-        rows, RESULTS / f"{args.name}.png", title="quality under load, natural held-out text"
-    )
+    png = plot_quality_vs_bytes(rows, RESULTS / f"{name}.png", title=f"quality under load, {text}")
     targets = check_targets(rows, capacities)
     for line in targets["summary"]:
         console.print(line)
     path = write_result(
-        args.name,
+        name,
         {
             "model": args.model,
+            "scenario": args.scenario,
+            "hot_expert": args.hot_expert if bias is not None else None,
+            "hot_bias": args.hot_bias if bias is not None else None,
             "model_layers": len(layers),
             "experts": layers[0].num_experts,
             "top_k": layers[0].top_k,
