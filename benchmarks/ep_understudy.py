@@ -3,6 +3,7 @@
 Every system runs in this one invocation on the same held-out blocks:
   full         contiguous placement, every assignment to its expert (the reference)
   drop         capacity over the global batch, overflow dropped
+  reroute      capacity over the global batch, overflow moved to the next-best expert with room
   understudy   capacity over the global batch, overflowing tokens served locally by the understudy
   replication  `full` on an EPLB-style placement that replicates hot experts (load measured on train
                blocks) into the spare slots one understudy's memory buys (equal memory)
@@ -207,7 +208,7 @@ def main() -> None:
         u0 = next(iter(us.values()))
         cost = u0.flops_per_token() / layer0.active_expert_flops_per_token()
         slots = int(u0.param_count() // expert_params)
-        policies = ("full", "drop", "understudy") if i == 0 else ("understudy",)
+        policies = ("full", "drop", "reroute", "understudy") if i == 0 else ("understudy",)
         for r in ep(
             "full" if i == 0 else f"contiguous-{label}",
             policies=policies,
@@ -299,7 +300,7 @@ def plot(rows: list[dict], path: Path, ranks: int) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:
         kind = r["system"].split("-")[0]
-        marker = {"full": "o", "drop": "x", "understudy": "s", "replication": "^", "speculative": "D"}.get(
+        marker = {"full": "o", "drop": "x", "reroute": "v", "understudy": "s", "replication": "^", "speculative": "D"}.get(
             kind, "."
         )
         a.scatter(r["a2a_cut_pct"], r["ppl_increase_pct"], marker=marker, label=r["system"])

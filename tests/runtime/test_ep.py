@@ -202,3 +202,41 @@ def test_a_dead_rank_makes_the_others_fail_with_a_clear_error(tmp_path):
     message = (tmp_path / "rank0.txt").read_text()
     assert "rank 0: all_gather" in message and "another rank probably died" in message
     assert time.monotonic() - t0 < 40
+
+
+def _evaluation_worker(rank, world, port, model_dir, out_dir):
+    from moe_understudy.runtime.ep import run_ep_evaluation
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    cfg = EPConfig(
+        model=str(model_dir),
+        policies=("full", "drop"),
+        capacities=(1.0,),
+        max_blocks=8,
+        blocks_per_rank=2,
+        out=str(out_dir),
+    )
+    run_ep_evaluation(cfg)
+
+
+def test_ep_evaluation_perplexity_under_full_equals_one_process(tmp_path):
+    from moe_understudy.data import train_bpe
+    from moe_understudy.teacher import perplexity
+
+    model_dir = tmp_path / "model"
+    tokenizer = train_bpe(["def f(x):\n    return x + 1\n" * 20, "class A:\n    pass\n" * 20], 300, model_dir)
+    model = build_model(preset_config("quick", vocab_size=len(tokenizer)), seed=0)
+    model.save_pretrained(model_dir)
+    blocks = torch.randint(0, len(tokenizer), (12, 16), generator=torch.Generator().manual_seed(3))
+    torch.save({"train": blocks[:4], "val": blocks[4:]}, model_dir / "blocks.pt")
+    mp.start_processes(
+        _evaluation_worker, args=(2, free_port(), model_dir, tmp_path / "out"), nprocs=2, start_method="fork"
+    )
+    runs = json.loads((tmp_path / "out" / "ep.json").read_text())["runs"]
+    assert [(r["policy"], r["capacity_factor"]) for r in runs] == [("full", 1.0), ("drop", 1.0)]
+    with torch.no_grad():
+        single = perplexity(model, blocks[4:], batch_size=4)
+    assert runs[0]["perplexity"] == pytest.approx(single, rel=1e-5)
+    assert runs[1]["degraded_token_fraction"] > 0 and runs[1]["a2a_bytes"] < runs[0]["a2a_bytes"]
+    assert set(runs[0]["per_rank"]) == {"0", "1"}
