@@ -186,7 +186,12 @@ class KDRecipe(InstructionRecipe):
         budget = max(1, min(cfg.gen_max_new_tokens, cfg.max_total - ids.shape[1]))
         eos = int(self.tokenizer.eos_token_id)
         new, mask = sample_continuations(
-            self.model, ids, att, eos_id=eos, pad_id=self.tokenizer.pad_token_id or eos, max_new_tokens=budget
+            self.model,
+            ids,
+            att,
+            eos_id=eos,
+            pad_id=eos if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id,
+            max_new_tokens=budget,
         )
         input_ids = torch.cat([ids, new], dim=1)  # (B, S + n)
         attention = torch.cat([att, mask.long()], dim=1)
