@@ -240,3 +240,13 @@ def test_ep_evaluation_perplexity_under_full_equals_one_process(tmp_path):
     assert runs[0]["perplexity"] == pytest.approx(single, rel=1e-5)
     assert runs[1]["degraded_token_fraction"] > 0 and runs[1]["a2a_bytes"] < runs[0]["a2a_bytes"]
     assert set(runs[0]["per_rank"]) == {"0", "1"}
+
+
+def test_ep_command_rejects_an_unknown_policy_before_launching(tmp_path):
+    from typer.testing import CliRunner
+
+    from moe_understudy.cli import app
+
+    res = CliRunner().invoke(app, ["ep", "--policies", "full,teleport", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "teleport" in res.output
+    assert not (tmp_path / "ep.yaml").exists()
