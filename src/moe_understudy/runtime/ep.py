@@ -210,8 +210,9 @@ class ExpertParallelMoE(LoadAwareMoE):
 
         # 3. global plan and replica choice (identical on every rank)
         plan, capacity = self.plan(glob)
-        sent = plan.sent()  # (T, k)
-        slot = assign_replicas(plan.indices, self.placement, self.position, sent)  # (T, k), -1 unsent
+        # Bookkeeping (who sends what where) is small integer work: do it on CPU, like the placement.
+        indices, sent = plan.indices.cpu(), plan.sent().cpu()  # (T, k)
+        slot = assign_replicas(indices, self.placement, self.position, sent)  # (T, k), -1 unsent
         dest = torch.where(sent, slot // self.placement.slots_per_rank, torch.full_like(slot, -1))
         mine = slice(first, first + counts[self.rank])
         local = _slice_plan(plan, mine)
@@ -221,7 +222,7 @@ class ExpertParallelMoE(LoadAwareMoE):
         flat_ids = (my_dest >= 0).nonzero().squeeze(1)
         flat_ids = flat_ids[torch.argsort(my_dest[flat_ids], stable=True)]
         k = plan.top_k
-        send_tok, send_slot = flat_ids // k, flat_ids % k
+        send_tok, send_slot = (flat_ids // k).to(x.device), (flat_ids % k).to(x.device)
         send_splits = torch.bincount(my_dest[flat_ids], minlength=R).tolist()
         # what every source sends me, in its packing order: rows of its slice whose dest is me
         starts = [sum(counts[:s]) for s in range(R)]
@@ -230,8 +231,8 @@ class ExpertParallelMoE(LoadAwareMoE):
             d = dest[starts[s] : starts[s] + counts[s]].reshape(-1)
             ids = (d == self.rank).nonzero().squeeze(1)  # already in flat order
             recv_splits.append(int(ids.numel()))
-            recv_experts.append(plan.indices[starts[s] : starts[s] + counts[s]].reshape(-1)[ids])
-        recv_experts = torch.cat(recv_experts)
+            recv_experts.append(indices[starts[s] : starts[s] + counts[s]].reshape(-1)[ids])
+        recv_experts = torch.cat(recv_experts).to(x.device)  # (A_in,) expert of every received row
         send_buf = x[send_tok].contiguous()  # (A_out, H)
         recv_buf = x.new_empty(sum(recv_splits), H)  # (A_in, H)
         t0 = time.perf_counter()
