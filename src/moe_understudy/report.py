@@ -79,13 +79,22 @@ def plot_quality_vs_bytes(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for label, series in _series(rows).items():
+    lines = _series(rows)
+    fig, ax = plt.subplots(figsize=(11, 6))
+    colours = plt.get_cmap("tab20" if len(lines) > 10 else "tab10")
+    for i, (label, series) in enumerate(lines.items()):
         series = sorted(series, key=lambda r: r["bytes_per_token"])
         xs = [r["bytes_per_token"] for r in series]
         ys = [r["ppl_delta_pct"] for r in series]
         marker = "*" if label.startswith("full") else "o"
-        ax.plot(xs, ys, marker=marker, markersize=12 if marker == "*" else 5, label=label)
+        ax.plot(
+            xs,
+            ys,
+            marker=marker,
+            markersize=12 if marker == "*" else 5,
+            label=label,
+            color=colours(i % colours.N),
+        )
         for r in series:
             if r.get("capacity_factor") is not None:
                 ax.annotate(
@@ -100,7 +109,7 @@ def plot_quality_vs_bytes(
     ax.set_ylabel("perplexity change vs full (%)")
     ax.set_title(f"{title}\n(labels: capacity factor)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the lines stay visible
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
