@@ -125,6 +125,8 @@ def layer_parts(model, blocks, reps: int, intermediates: list[int]) -> list[dict
             fns[f"understudy {inter}"] = lambda u=u, x=x, tokens=tokens: torch.zeros_like(x).index_add(
                 0, tokens, u(x[tokens])
             )
+            gathered = x[tokens]
+            fns[f"compute {inter}"] = lambda u=u, g=gathered: u(g)
         t = interleaved(fns, reps)
         per_tok_experts = t["experts"] / T
         for inter, u in modules.items():
@@ -138,6 +140,7 @@ def layer_parts(model, blocks, reps: int, intermediates: list[int]) -> list[dict
                     "flops_cost": round(cost_ratio(u, moe), 4),
                     "experts_us_per_token": 1e6 * per_tok_experts,
                     "understudy_us_per_token": 1e6 * per_tok_u,
+                    "understudy_compute_only_us_per_token": 1e6 * t[f"compute {inter}"] / len(tokens),
                     "router_us_per_token": 1e6 * t["router"] / T,
                     "time_ratio": per_tok_u / per_tok_experts,
                 }
@@ -150,7 +153,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from moe_understudy.teacher import load_model_and_tokenizer
 
-    console = Console()
+    console = Console(width=140)
     model, _ = load_model_and_tokenizer(args.model)
     blocks = torch.load(Path(args.model) / "blocks.pt")["val"][: args.batch_size]
     inter = [int(i) for i in args.intermediate.split(",")]
@@ -170,7 +173,15 @@ def main() -> None:
 
     parts = layer_parts(model, blocks, args.reps, inter)
     t2 = Table(title="per MoE layer and token: understudy path vs routed experts")
-    for c in ("layer", "understudy I", "FLOPs cost", "experts µs/tok", "understudy µs/tok", "time ratio"):
+    for c in (
+        "layer",
+        "understudy I",
+        "FLOPs cost",
+        "experts µs/tok",
+        "understudy path µs/tok",
+        "compute only",
+        "time ratio",
+    ):
         t2.add_column(c, justify="right")
     for r in parts:
         t2.add_row(
@@ -179,6 +190,7 @@ def main() -> None:
             f"{r['flops_cost']:.2f}",
             f"{r['experts_us_per_token']:.2f}",
             f"{r['understudy_us_per_token']:.2f}",
+            f"{r['understudy_compute_only_us_per_token']:.2f}",
             f"{r['time_ratio']:.3f}",
         )
     console.print(t2)
