@@ -60,17 +60,19 @@ def parse() -> argparse.Namespace:
         default=64,
         help="held-out blocks captured for early stopping / per-layer error",
     )
-    ap.add_argument("--eval-blocks", type=int, default=128, help="further held-out blocks for perplexity")
+    ap.add_argument("--eval-blocks", type=int, default=256, help="further held-out blocks for perplexity")
     ap.add_argument("--layer-steps", type=int, default=1500)
     ap.add_argument("--layer-lr", type=float, default=3e-3)
     ap.add_argument("--e2e-steps", type=int, default=400)
+    ap.add_argument("--e2e-blocks", type=int, default=4096, help="pool of training blocks (improved recipe)")
     ap.add_argument(
-        "--e2e-blocks", type=int, default=128, help="training blocks whose teacher log-probs are cached"
+        "--e2e-cache", action="store_true", help="cache the pool's teacher log-probs (else per step)"
     )
+    ap.add_argument("--probe-blocks", type=int, default=128, help="cached pool of the probe recipe")
     ap.add_argument("--e2e-lr", type=float, default=1e-3)
     ap.add_argument("--e2e-fraction-min", type=float, default=1.0)
     ap.add_argument("--e2e-fraction-max", type=float, default=1.0)
-    ap.add_argument("--e2e-hidden-weight", type=float, default=0.0)
+    ap.add_argument("--e2e-hidden-weight", type=float, default=1.0)
     ap.add_argument("--skip-probe", action="store_true", help="do not run the probe recipe for comparison")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -86,7 +88,9 @@ def main() -> None:
     saved = torch.load(Path(args.model) / "blocks.pt")
     train, val = saved["train"], saved["val"]
     cap_val, eval_blocks = val[: args.val_blocks], val[args.val_blocks : args.val_blocks + args.eval_blocks]
-    e2e_train = train[args.train_blocks : args.train_blocks + args.e2e_blocks]  # not the captured blocks
+    e2e_train = train[
+        args.train_blocks : args.train_blocks + max(args.e2e_blocks, args.probe_blocks)
+    ]  # not captured
     timings: dict[str, float] = {}
 
     # 1. capture
@@ -138,6 +142,7 @@ def main() -> None:
         "improved": EndToEndConfig(
             steps=args.e2e_steps,
             blocks=args.e2e_blocks,
+            cache_teacher=args.e2e_cache,
             lr=args.e2e_lr,
             fraction_min=args.e2e_fraction_min,
             fraction_max=args.e2e_fraction_max,
@@ -149,7 +154,7 @@ def main() -> None:
     if not args.skip_probe:
         recipes["probe"] = EndToEndConfig(
             steps=args.e2e_steps,
-            blocks=args.e2e_blocks,
+            blocks=args.probe_blocks,
             lr=3e-4,
             fraction_min=0.5,
             fraction_max=1.0,

@@ -8,6 +8,9 @@ import torch
 from moe_understudy.moe.adapters import find_moe_layers
 from moe_understudy.moe.presets import build_model, tiny_config
 
+# Tiny tensors: one thread is fastest, and on a shared machine extra threads only wait for cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="module")
 def tiny_model():

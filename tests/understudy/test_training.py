@@ -101,14 +101,23 @@ def test_partial_substitution_serves_some_tokens_from_the_understudy(tiny_model,
     assert (half - every).abs().max() > 1e-3
 
 
-def test_end_to_end_reduces_the_kl_it_optimises():
+@pytest.mark.parametrize("cache", [True, False])
+def test_end_to_end_reduces_the_kl_it_optimises(cache):
     model = build_model(tiny_config("mixtral", num_layers=2), seed=0)
     understudies = {
         ly.index: build_understudy("dense", ly, seed=0, intermediate=16) for ly in find_moe_layers(model)
     }
     blocks = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(0))
     cfg = EndToEndConfig(
-        steps=60, blocks=8, batch_size=4, lr=3e-3, warmup=5, fraction_min=1.0, fraction_max=1.0, eval_blocks=8
+        steps=60,
+        blocks=8,
+        batch_size=4,
+        lr=3e-3,
+        warmup=5,
+        fraction_min=1.0,
+        fraction_max=1.0,
+        eval_blocks=8,
+        cache_teacher=cache,
     )
     params_before = [p.clone() for p in model.parameters()]
     result = train_end_to_end(model, understudies, blocks, cfg)

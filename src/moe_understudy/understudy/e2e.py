@@ -88,6 +88,17 @@ def replacement_kl(
     return total / max(1, count)
 
 
+@torch.no_grad()
+def _fresh_targets(
+    model: nn.Module, wrappers: list, ids: torch.Tensor, hidden: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full model's log-probs (B, S, V) (and last hidden states) for `ids`, wrappers switched off."""
+    for w in wrappers:
+        w.fraction = 0.0
+    out = model(input_ids=ids, output_hidden_states=hidden)
+    return torch.log_softmax(out.logits.float(), dim=-1), (out.hidden_states[-1] if hidden else None)
+
+
 def _step_loss(
     model: nn.Module,
     ids: torch.Tensor,
@@ -130,8 +141,9 @@ def train_end_to_end(
     params = [p for m in understudies.values() for p in m.parameters()]
     try:
         kl_before = replacement_kl(model, understudies, check, direction=cfg.direction, seed=cfg.seed)
-        target_logp, target_hidden = teacher_targets(
-            model, blocks, cfg.batch_size, hidden=cfg.hidden_weight > 0
+        want_hidden = cfg.hidden_weight > 0
+        cached = (
+            teacher_targets(model, blocks, cfg.batch_size, hidden=want_hidden) if cfg.cache_teacher else None
         )
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -157,18 +169,18 @@ def train_end_to_end(
                     cfg.fraction_min
                     + (cfg.fraction_max - cfg.fraction_min) * torch.rand((), generator=gen).item()
                 )
-                for w in wrappers:
-                    w.fraction = fraction
                 rows = torch.randint(0, len(blocks), (min(cfg.batch_size, len(blocks)),), generator=gen)
                 for group in opt.param_groups:
                     group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
-                loss = _step_loss(
-                    model,
-                    blocks[rows].to(device),
-                    target_logp[rows].to(device),
-                    None if target_hidden is None else target_hidden[rows].to(device),
-                    cfg,
-                )
+                ids = blocks[rows].to(device)
+                if cached is not None:
+                    target_logp = cached[0][rows].to(device)
+                    target_hidden = None if cached[1] is None else cached[1][rows].to(device)
+                else:
+                    target_logp, target_hidden = _fresh_targets(model, wrappers, ids, want_hidden)
+                for w in wrappers:
+                    w.fraction = fraction
+                loss = _step_loss(model, ids, target_logp, target_hidden, cfg)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
