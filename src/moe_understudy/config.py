@@ -266,7 +266,9 @@ class EndToEndConfig(StageConfig):
 
     steps: int = 0  # optimiser steps (0 = skip the end-to-end stage)
     data: DataConfig = field(default_factory=DataConfig)  # text for the teacher's next-token targets
-    blocks: int = 128  # training blocks whose teacher log-probs are cached (fp16)
+    blocks: int = 128  # pool of training blocks the steps draw from
+    cache_teacher: bool = True  # cache the pool's teacher log-probs (fp16); False recomputes them per step,
+    # which lets the pool be large: a small cached pool is memorised (train KL falls, held-out KL does not)
     batch_size: int = 8  # blocks per step
     lr: float = 3e-4  # peak AdamW learning rate (linear warm-up, cosine decay)
     warmup: int = 30  # warm-up steps
