@@ -86,11 +86,13 @@ def main() -> None:
     console = Console()
     model, _ = load_model_and_tokenizer(args.model)
     saved = torch.load(Path(args.model) / "blocks.pt")
-    train, val = saved["train"], saved["val"]
+    # Packed blocks keep documents contiguous: take every split as a seeded random draw of blocks,
+    # so captured, end-to-end and evaluation text each span many documents, and never overlap.
+    gen = torch.Generator().manual_seed(args.seed)
+    train = saved["train"][torch.randperm(len(saved["train"]), generator=gen)]
+    val = saved["val"][torch.randperm(len(saved["val"]), generator=gen)]
     cap_val, eval_blocks = val[: args.val_blocks], val[args.val_blocks : args.val_blocks + args.eval_blocks]
-    e2e_train = train[
-        args.train_blocks : args.train_blocks + max(args.e2e_blocks, args.probe_blocks)
-    ]  # not captured
+    e2e_train = train[args.train_blocks : args.train_blocks + max(args.e2e_blocks, args.probe_blocks)]
     timings: dict[str, float] = {}
 
     # 1. capture

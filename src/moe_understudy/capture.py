@@ -275,15 +275,33 @@ class CaptureStore:
             )
 
 
+def spread_blocks(
+    texts: list[str], tokenizer, block_size: int, n: int, seed: int = 0, oversample: int = 16
+) -> torch.Tensor:
+    """(n, S) blocks drawn at random (seeded) from the first `oversample * n` packed blocks of `texts`.
+
+    Packing keeps documents contiguous, so the first n blocks cover only a handful of documents;
+    activity captured from them misses whole kinds of text (in the stdlib: codec tables, data
+    files) and understudies fitted on it fail there. Drawing from a wider span keeps the variety.
+    """
+    from moe_understudy.data import pack_blocks
+
+    pool = pack_blocks(texts, tokenizer, block_size, max_blocks=oversample * n)
+    if len(pool) <= n:
+        return pool
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
+    return pool[pick.sort().values]
+
+
 def capture_blocks(cfg: CaptureConfig, tokenizer) -> dict[str, torch.Tensor]:
     """{train: (N, S), val: (M, S)} token blocks from `cfg.data` sized by cfg.tokens / cfg.val_tokens."""
-    from moe_understudy.data import load_corpus, pack_blocks
+    from moe_understudy.data import load_corpus
 
     corpus = load_corpus(cfg.data)
     S = cfg.data.block_size
     return {
-        "train": pack_blocks(corpus.train, tokenizer, S, max_blocks=cfg.tokens // S),
-        "val": pack_blocks(corpus.val, tokenizer, S, max_blocks=cfg.val_tokens // S),
+        "train": spread_blocks(corpus.train, tokenizer, S, cfg.tokens // S, seed=cfg.data.seed),
+        "val": spread_blocks(corpus.val, tokenizer, S, cfg.val_tokens // S, seed=cfg.data.seed + 1),
     }
 
 

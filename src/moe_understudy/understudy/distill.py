@@ -24,7 +24,7 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from moe_understudy.capture import CaptureStore
+from moe_understudy.capture import CaptureStore, spread_blocks
 from moe_understudy.config import DistillConfig
 from moe_understudy.errors import UserError
 from moe_understudy.moe.adapters import MoELayer, find_moe_layers
@@ -159,7 +159,7 @@ def _layerwise(
 
 def run_distill(cfg: DistillConfig, resume: bool = False, console: Console | None = None) -> DistillResult:
     """Distil understudies for `cfg.model` from `cfg.store` into `cfg.out` (see the module docstring)."""
-    from moe_understudy.data import load_corpus, pack_blocks
+    from moe_understudy.data import load_corpus
     from moe_understudy.teacher import load_model_and_tokenizer
 
     console = console or Console(stderr=True)
@@ -179,7 +179,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, console: Console | Non
     e2e = cfg.e2e
     corpus = load_corpus(e2e.data)
     S = e2e.data.block_size
-    val_blocks = pack_blocks(corpus.val, tokenizer, S, max_blocks=e2e.eval_blocks)
+    val_blocks = spread_blocks(corpus.val, tokenizer, S, e2e.eval_blocks, seed=e2e.seed + 2)
     report["ppl_teacher"] = round(perplexity_with(model, val_blocks, None), 4)
     report["ppl_layerwise"] = round(perplexity_with(model, val_blocks, understudies), 4)
     e2e_done = out / "e2e.json"
@@ -187,7 +187,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, console: Console | Non
         understudies = load_understudies(out, model)
         report["e2e"] = json.loads(e2e_done.read_text())
     elif e2e.steps > 0:
-        train_blocks = pack_blocks(corpus.train, tokenizer, S, max_blocks=e2e.blocks)
+        train_blocks = spread_blocks(corpus.train, tokenizer, S, e2e.blocks, seed=e2e.seed)
         res = train_end_to_end(model, understudies, train_blocks, e2e, val_blocks=val_blocks, console=console)
         report["e2e"] = {
             "kl_before": round(res.kl_before, 5),
@@ -227,12 +227,12 @@ def run_replace_eval(
     model_path: str, understudies_path: str, data, blocks: int = 32, console: Console | None = None
 ) -> dict:
     """Reload saved understudies onto `model_path` and compare perplexity with every MoE layer replaced."""
-    from moe_understudy.data import load_corpus, pack_blocks
+    from moe_understudy.data import load_corpus
     from moe_understudy.teacher import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_path)
     understudies = load_understudies(understudies_path, model)
-    val = pack_blocks(load_corpus(data).val, tokenizer, data.block_size, max_blocks=blocks)
+    val = spread_blocks(load_corpus(data).val, tokenizer, data.block_size, blocks, seed=data.seed + 2)
     teacher = perplexity_with(model, val, None)
     replaced = perplexity_with(model, val, understudies)
     result = {
