@@ -1,15 +1,18 @@
 """Simulated expert parallelism from 8 to 256 ranks with the routing skew captured from the default teacher.
 
-The routing trace is captured from the teacher on its held-out blocks (half plans replication and
-fits speculation, half is replayed). Beyond 8 ranks every expert is split into siblings so each
-rank holds one expert (`sim.traces.expand_trace`: load shares and max/mean expert load are kept).
+The routing trace is captured from the teacher on its held-out blocks (a random half plans replication
+and fits speculation, the other half is replayed). Beyond 8 ranks every expert is split into
+siblings so each rank holds one expert (`sim.traces.expand_trace`): with `--expansion random` (the
+default) the sibling is drawn per assignment, which keeps load shares and max/mean expert load as
+captured but makes siblings unpredictable (pessimistic for speculation); `--expansion token` keys
+the sibling on the token id, which keeps predictability but adds skew from frequent tokens.
 Costs: a Mixtral-8x7B-sized layer (H 4096, I 14336, bf16 rows) on 400 TFLOP/s devices with
 50 GB/s links and 10 us all-to-all latency; understudy at 0.5 x the active routed FLOPs, and
 replication gets the same memory (one spare expert slot per rank). Quality is not simulated: it is
 read from the real-model measurements (quality_under_load.json from the runtime benchmark, else
 this project's ep_understudy.json) for the same policy and capacity factor.
 
-Usage: python benchmarks/sim_scale.py [--model runs/teacher] [--capacity-factor 1.0]
+Usage: python benchmarks/sim_scale.py [--model runs/teacher] [--capacity-factor 1.0] [--expansion random|token]
 """
 
 from __future__ import annotations
@@ -58,6 +61,11 @@ def main() -> None:
     ap.add_argument("--tokens-per-rank", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-blocks", type=int, default=256)
+    ap.add_argument(
+        "--expansion",
+        default="random",
+        help="random (keeps the captured skew) | token (keeps predictability)",
+    )
     ap.add_argument("--name", default="sim_scale")
     args = ap.parse_args()
     cfg = SimConfig(
@@ -67,6 +75,7 @@ def main() -> None:
         policies=SIM_POLICIES,
         capacity_factor=args.capacity_factor,
         tokens_per_rank=args.tokens_per_rank,
+        expansion=args.expansion,
         steps=args.steps,
         out=f"runs/{args.name}",
     )

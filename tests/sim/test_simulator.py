@@ -112,3 +112,7 @@ def test_simulate_command_rejects_an_unknown_policy_in_one_sentence(tmp_path):
     res = CliRunner().invoke(app, ["simulate", "--policies", "full,teleport", "--out", str(tmp_path)])
     assert res.exit_code == 2
     assert "policies must be" in res.output and "teleport" in res.output
+
+
+def test_rerouted_tokens_count_as_degraded(at8):
+    assert at8["reroute"].degraded_fraction > 0.05

@@ -147,7 +147,7 @@ def simulate_cluster(
                     ).dest_rank.clamp(min=0)
                 else:
                     dest = expert_rank[layer][plan.indices]
-                _layer_cost(a, plan, dest, src, R, cost, k)
+                _layer_cost(a, routing, plan, dest, src, R, cost, k)
                 sent_all.append(plan.sent())
             if policy == "speculative":
                 _speculation_cost(a, batch, predicted, expert_rank, src, R, cost, torch.stack(sent_all))
@@ -155,7 +155,7 @@ def simulate_cluster(
 
 
 def _layer_cost(
-    a: _Acc, plan, dest: torch.Tensor, src: torch.Tensor, R: int, cost: ClusterCost, k: int
+    a: _Acc, routing, plan, dest: torch.Tensor, src: torch.Tensor, R: int, cost: ClusterCost, k: int
 ) -> None:
     """Add one layer's dispatch / compute / combine to `a`. dest: (T, k) rank of each assignment."""
     rb = row_bytes(cost)
@@ -171,7 +171,10 @@ def _layer_cost(
     a.critical += float(go.send_bytes.sum() + back.send_bytes.sum())
     a.expert_imb += _imbalance(served)
     a.work_imb += _imbalance(work)
-    a.degraded += plan.counts()["degraded_tokens"] / plan.num_tokens
+    # degraded: any assignment not computed by the expert the router chose (rerouted ones included)
+    rerouted = (plan.indices != routing.indices).any(-1)
+    degraded = plan.understudy_tokens | (~plan.expert_served).any(-1) | rerouted
+    a.degraded += float(degraded.float().mean())
     a.layers += 1
 
 
