@@ -21,6 +21,7 @@ for `understudy distill`) at the costs given by --costs.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -155,7 +156,15 @@ def main() -> None:
     ap.add_argument("--capacities", default="0.75,1.0,1.25,1.5,2.0")
     ap.add_argument("--work", default="runs/bench_ep")
     ap.add_argument("--name", default="ep_understudy")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the results JSON")
     args = ap.parse_args()
+    if args.replot:
+        plot(
+            json.loads((RESULTS / f"{args.name}.json").read_text())["rows"],
+            RESULTS / f"{args.name}.png",
+            args.ranks,
+        )
+        return
     torch.set_num_threads(1)
     work = Path(args.work)
     model, _ = load_model_and_tokenizer(args.model)
@@ -307,7 +316,7 @@ def plot(rows: list[dict], path: Path, ranks: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5.5))
     for r in rows:
         kind = r["system"].split("-")[0]
         marker = {
@@ -328,9 +337,9 @@ def plot(rows: list[dict], path: Path, ranks: int) -> None:
     b.set_xlabel("max / mean rank load (expert rows)")
     b.set_yscale("symlog", linthresh=1.0)
     b.axvline(1.1, ls=":", c="grey")
-    a.legend(fontsize=6, ncol=2)
     fig.suptitle(f"Expert parallelism over {ranks} ranks (gloo)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
+    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=6, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
