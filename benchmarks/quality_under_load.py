@@ -34,6 +34,15 @@ from moe_understudy.report import plot_quality_vs_bytes, print_table  # noqa: E4
 from moe_understudy.runtime.scenarios import domain_shift_blocks, hot_expert_bias, natural_blocks  # noqa: E402
 
 NAME = "quality_under_load"
+SCENARIO_NOTES = {
+    "natural": "Held-out blocks cached with the teacher (validation split of its corpus).",
+    "domain_shift": "English prose (IDLE docs, licence, e-mail test data) unlike the code the teacher and the "
+    "understudies were trained on.",
+    "hot_expert": "The router logit bias is applied inside every layer's router, for every system including full; "
+    "deltas are against the biased full model. Understudies stand in for the unbiased layer (they never see the "
+    "bias), so for understudy tokens they undo the perturbation: perplexity can fall below the biased full model "
+    "while KL to it is large. Read KL and agreement here, not the perplexity delta.",
+}
 console = Console(stderr=True)
 
 
@@ -224,6 +233,7 @@ def main() -> None:
             "notes": "Capacity ceil(cf*T*k/E) per layer and step of batch_size x block_size tokens; every system "
             "compared with full on the same batches in one run. bytes_per_token: dispatch + combine over "
             f"{args.devices} devices (contiguous experts and tokens), summed over MoE layers, fp32 hidden.",
+            "scenario_note": SCENARIO_NOTES[args.scenario],
             "targets": targets,
             "plot": str(png),
             "rows": rows,
