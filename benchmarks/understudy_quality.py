@@ -63,7 +63,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--eval-blocks", type=int, default=256, help="further held-out blocks for perplexity")
     ap.add_argument("--layer-steps", type=int, default=1500)
     ap.add_argument("--layer-lr", type=float, default=3e-3)
-    ap.add_argument("--e2e-steps", type=int, default=400)
+    ap.add_argument("--e2e-steps", type=int, default=1000)
+    ap.add_argument(
+        "--probe-steps", type=int, default=400, help="steps of the probe recipe (as in PROBES.md)"
+    )
     ap.add_argument("--e2e-blocks", type=int, default=4096, help="pool of training blocks (improved recipe)")
     ap.add_argument(
         "--e2e-cache", action="store_true", help="cache the pool's teacher log-probs (else per step)"
@@ -155,7 +158,7 @@ def main() -> None:
     }
     if not args.skip_probe:
         recipes["probe"] = EndToEndConfig(
-            steps=args.e2e_steps,
+            steps=args.probe_steps,
             blocks=args.probe_blocks,
             lr=3e-4,
             fraction_min=0.5,
