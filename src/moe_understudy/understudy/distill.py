@@ -187,7 +187,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, console: Console | Non
         understudies = load_understudies(out, model)
         report["e2e"] = json.loads(e2e_done.read_text())
     elif e2e.steps > 0:
-        train_blocks = spread_blocks(corpus.train, tokenizer, S, e2e.blocks, seed=e2e.seed)
+        train_blocks = spread_blocks(corpus.train, tokenizer, S, e2e.blocks, seed=e2e.seed, oversample=4)
         res = train_end_to_end(model, understudies, train_blocks, e2e, val_blocks=val_blocks, console=console)
         report["e2e"] = {
             "kl_before": round(res.kl_before, 5),
