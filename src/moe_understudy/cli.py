@@ -303,6 +303,7 @@ def evaluate(
     latency: Annotated[float, typer.Option(help="deadline policy: fixed dispatch + combine latency, in units of one expert assignment.")] = 0.0,
     out: Annotated[Path, typer.Option(help="Report folder: report.json, report.png and the eval.yaml that reproduces the run.")] = Path("runs/eval"),
     device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    ep: Annotated[int, typer.Option(help="Run under real expert parallelism over this many local processes (torchrun, gloo on CPU); 0 = one process.")] = 0,
 ) -> None:
     """Quality under load: perplexity, KL to full, agreement, bytes moved and load for each policy x capacity factor."""
     from moe_understudy.config import EvalConfig
@@ -329,7 +330,31 @@ def evaluate(
         )
     except ValueError as err:
         raise UserError(str(err)) from err
-    run_evaluation(cfg, console)
+    if ep > 0:
+        _evaluate_expert_parallel(cfg, ep)
+    else:
+        run_evaluation(cfg, console)
+
+
+def _evaluate_expert_parallel(cfg, nproc: int) -> None:
+    """`evaluate --ep N`: the same sweep on natural held-out text under real expert parallelism."""
+    from moe_understudy.config import EPConfig
+    from moe_understudy.runtime.ep import launch_ep, runs_table
+
+    if cfg.scenario != "natural":
+        raise UserError(f"--ep runs the natural scenario only; drop --scenario {cfg.scenario} or --ep.")
+    ep_cfg = EPConfig(
+        model=cfg.model,
+        understudies=cfg.understudies,
+        policies=cfg.policies,
+        capacities=cfg.capacities,
+        priority=cfg.priority,
+        data=cfg.data,
+        max_blocks=cfg.max_blocks,
+        blocks_per_rank=max(1, cfg.batch_sizes[0] // nproc),
+        out=f"{cfg.out}/ep",
+    )
+    console.print(runs_table(launch_ep(ep_cfg, nproc)))
 
 
 

@@ -150,3 +150,19 @@ def test_cli_evaluate_names_a_bad_policy_and_a_missing_understudy(tmp_path, bloc
         ],
     )
     assert missing.exit_code == 2 and "--understudies" in missing.output
+
+
+def test_cli_evaluate_under_expert_parallelism_matches_one_process_full_perplexity(tmp_path, blocks):
+    """`evaluate --ep 2` launches torchrun (gloo, loopback) and reports the same `full` perplexity."""
+    import json
+
+    folder = saved_model(tmp_path, blocks)
+    common = ["--policies", "full", "--blocks", "8", "--batch-size", "4"]
+    single = CliRunner().invoke(app, ["evaluate", str(folder), *common, "--out", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    parallel = CliRunner().invoke(app, ["evaluate", str(folder), *common, "--ep", "2", "--out", str(tmp_path / "ep")])
+    assert parallel.exit_code == 0, parallel.output
+    one = json.loads((tmp_path / "one" / "report.json").read_text())["rows"][0]["perplexity"]
+    ep = json.loads((tmp_path / "ep" / "ep" / "ep.json").read_text())
+    ep_full = next(run for run in ep["runs"] if run["policy"] == "full")
+    assert ep_full["perplexity"] == pytest.approx(one, rel=1e-4)
