@@ -28,14 +28,22 @@ from moe_understudy.demo import run_demo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench-demo", help="run folder (deleted first)")
+    parser.add_argument(
+        "--keep-teacher",
+        action="store_true",
+        help="keep OUT/teacher from an earlier launch; its minutes then come from its metrics.json",
+    )
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
+    for stage in ("store", "understudies", "eval") if args.keep_teacher else ("",):
+        shutil.rmtree(Path(args.out) / stage, ignore_errors=True)
     console = Console()
     cfg = DemoConfig(out=args.out)
     load_before = os.getloadavg()[0]
     result = run_demo(cfg, console=console)
     load_after = os.getloadavg()
     teacher = json.loads((Path(args.out) / "teacher" / "metrics.json").read_text())
+    if args.keep_teacher:  # trained by an earlier launch: count its own training time
+        result["timings"]["teacher"] = teacher["train_seconds"]
     distill = json.loads((Path(args.out) / "understudies" / "report.json").read_text())
 
     table = Table(title="understudy demo, from scratch")
@@ -50,6 +58,7 @@ def main() -> None:
         "demo_default",
         {
             "config": cfg.to_dict(),
+            "teacher_from_earlier_launch": args.keep_teacher,
             "minutes": {k: round(v / 60, 2) for k, v in result["timings"].items()},
             "total_minutes": round(sum(result["timings"].values()) / 60, 2),
             "teacher": {

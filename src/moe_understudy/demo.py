@@ -25,6 +25,10 @@ def demo_teacher_config(cfg: DemoConfig) -> TeacherConfig:
     return TeacherConfig()
 
 
+def _quick_e2e(data, steps: int) -> EndToEndConfig:
+    return EndToEndConfig(steps=steps, data=data, blocks=8, eval_blocks=4, batch_size=4, warmup=1)
+
+
 def _stage(console: Console, number: int, title: str) -> float:
     console.print(Rule(f"[bold]{number}/4 {title}"))
     return time.perf_counter()
@@ -77,14 +81,7 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         intermediate=cfg.intermediate,
         steps=min(cfg.distill_steps, 30) if cfg.quick else cfg.distill_steps,
         eval_every=10 if cfg.quick else 100,
-        e2e=EndToEndConfig(
-            steps=e2e_steps,
-            data=data,
-            blocks=8 if cfg.quick else 128,
-            eval_blocks=4 if cfg.quick else 32,
-            batch_size=4 if cfg.quick else 8,
-            warmup=1 if cfg.quick else 30,
-        ),
+        e2e=_quick_e2e(data, e2e_steps) if cfg.quick else EndToEndConfig(steps=e2e_steps, data=data),
     )
     if (understudy_dir / "report.json").exists():
         console.print(f"reusing the understudies in {understudy_dir}")
