@@ -112,3 +112,17 @@ def test_missing_model_folder_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="config.json"):
         load_model_and_tokenizer(tmp_path / "empty")
+
+
+def test_joint_understudies_train_alongside_without_changing_the_teacher(tmp_path, corpus_dir):
+    from moe_understudy.understudy.io import load_understudies
+
+    cfg = quick_cfg(corpus_dir, steps=8)
+    train_teacher(cfg, tmp_path / "alone")
+    train_teacher(cfg.replace(joint_understudy="dense"), tmp_path / "joint")
+    alone = AutoModelForCausalLM.from_pretrained(tmp_path / "alone")
+    joint = AutoModelForCausalLM.from_pretrained(tmp_path / "joint")
+    for (name, a), b in zip(alone.state_dict().items(), joint.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    understudies = load_understudies(tmp_path / "joint" / "understudies", joint)
+    assert sorted(understudies) == [layer.index for layer in find_moe_layers(joint)]

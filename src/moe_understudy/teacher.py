@@ -231,7 +231,10 @@ def train_teacher(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            # Clipped apart: the joint understudies' gradients must not rescale the teacher's.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if joint is not None:
+                torch.nn.utils.clip_grad_norm_(joint.parameters(), cfg.grad_clip)
             optimizer.step()
             done = step + 1
             run_time = elapsed + time.perf_counter() - t0
