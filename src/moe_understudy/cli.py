@@ -109,6 +109,16 @@ def _given(**options):
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _split(text: str | None, kind=str, what: str = "list") -> tuple | None:
+    """'0.5,0.75,1' -> (0.5, 0.75, 1.0); None stays None; a bad item is a UserError naming it."""
+    if text is None:
+        return None
+    try:
+        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise UserError(f"Could not read {what} {text!r} ({err}); pass comma-separated values like 0.5,1.") from err
+
+
 @app.command()
 @user_errors
 def inspect(
@@ -276,14 +286,6 @@ def replace_eval(
 # ---- end section: understudies -----------------------------------------------------------------
 
 # ---- section: runtime (evaluate, demo) ---------------------------------------------------------
-def _split(text: str, kind=str, what: str = "list") -> tuple:
-    """'0.5,0.75,1' -> (0.5, 0.75, 1.0); a bad item is a UserError naming it."""
-    try:
-        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise UserError(f"Could not read {what} {text!r} ({err}); pass comma-separated values like 0.5,1.") from err
-
-
 @app.command()
 @user_errors
 def evaluate(
@@ -379,7 +381,7 @@ def demo(
         quick=quick,
         arch=arch,
         intermediate=intermediate,
-        **_given(e2e_steps=e2e_steps, capacities=_csv(capacity, float)),
+        **_given(e2e_steps=e2e_steps, capacities=_split(capacity, float, "capacity factors")),
     )
     run_demo(cfg, console=console)
 
@@ -387,11 +389,6 @@ def demo(
 # ---- end section: runtime ----------------------------------------------------------------------
 
 # ---- section: parallel (simulate, ep) ----------------------------------------------------------
-def _csv(text: str | None, kind=str):
-    """'8,16,64' -> (8, 16, 64); None stays None."""
-    return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
-
-
 @app.command()
 @user_errors
 def simulate(
@@ -440,8 +437,8 @@ def simulate(
                 trace=None if trace is None else str(trace),
                 zipf=zipf,
                 synthetic_experts=experts,
-                ranks=_csv(ranks, int),
-                policies=_csv(policies),
+                ranks=_split(ranks, int, "rank counts"),
+                policies=_split(policies, str, "policies"),
                 capacity_factor=capacity_factor,
                 priority=priority,
                 tokens_per_rank=tokens_per_rank,
@@ -485,8 +482,8 @@ def ep_evaluate(
             **_given(
                 model=model,
                 understudies=understudies,
-                policies=_csv(policies),
-                capacities=_csv(capacities, float),
+                policies=_split(policies, str, "policies"),
+                capacities=_split(capacities, float, "capacity factors"),
                 priority=priority,
                 placement=placement,
                 extra_slots=extra_slots,
