@@ -71,7 +71,11 @@ def main() -> None:
             },
             "distill": {k: distill.get(k) for k in ("ppl_teacher", "ppl_layerwise", "ppl_e2e")},
             "rows": result["rows"],
-            "load_average_1min": {"before": load_before, "after": load_after[0], "after_15min": load_after[2]},
+            "load_average_1min": {
+                "before": load_before,
+                "after": load_after[0],
+                "after_15min": load_after[2],
+            },
         },
     )
     console.print(f"written {path}")

@@ -37,7 +37,13 @@ def main() -> None:
     wall = time.perf_counter() - t0
     load_after = os.getloadavg()
     table = Table(title="default teacher (understudy teacher --out DIR)")
-    for col in ["wall min (incl. data + tokenizer)", "train min", "tokens/s", "held-out ppl", "max/mean load per layer-batch"]:
+    for col in [
+        "wall min (incl. data + tokenizer)",
+        "train min",
+        "tokens/s",
+        "held-out ppl",
+        "max/mean load per layer-batch",
+    ]:
         table.add_column(col, justify="right")
     table.add_row(
         f"{wall / 60:.2f}",
@@ -56,8 +62,14 @@ def main() -> None:
             "tokens_per_second": round(result.tokens_per_second, 1),
             "val_perplexity": round(result.val_perplexity, 3),
             "max_over_mean_per_layer_batch": result.max_over_mean_per_batch,
-            "mean_max_over_mean": round(sum(result.max_over_mean_per_batch) / len(result.max_over_mean_per_batch), 3),
-            "load_average_1min": {"before": load_before, "after": load_after[0], "after_15min": load_after[2]},
+            "mean_max_over_mean": round(
+                sum(result.max_over_mean_per_batch) / len(result.max_over_mean_per_batch), 3
+            ),
+            "load_average_1min": {
+                "before": load_before,
+                "after": load_after[0],
+                "after_15min": load_after[2],
+            },
         },
     )
     console.print(f"written {path}")

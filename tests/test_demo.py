@@ -22,4 +22,8 @@ def test_quick_demo_runs_every_stage_and_reuses_them_on_rerun(tmp_path, monkeypa
     again = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--capacity", "1"])
     assert again.exit_code == 0, again.output
     text = " ".join(again.output.split())
-    assert "reusing the teacher" in text and "reusing the capture store" in text and "reusing the understudies" in text
+    assert (
+        "reusing the teacher" in text
+        and "reusing the capture store" in text
+        and "reusing the understudies" in text
+    )

@@ -14,7 +14,14 @@ from typing import Any
 from rich.console import Console
 from rich.rule import Rule
 
-from moe_understudy.config import CaptureConfig, DemoConfig, DistillConfig, EndToEndConfig, EvalConfig, TeacherConfig
+from moe_understudy.config import (
+    CaptureConfig,
+    DemoConfig,
+    DistillConfig,
+    EndToEndConfig,
+    EvalConfig,
+    TeacherConfig,
+)
 
 
 def demo_teacher_config(cfg: DemoConfig) -> TeacherConfig:
@@ -62,10 +69,18 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     capture_tokens = 8 * data.block_size * 8 if cfg.quick else cfg.capture_tokens
     val_tokens = 4 * data.block_size if cfg.quick else 16_384
     if (store_dir / "manifest.json").exists():
-        console.print(f"reusing the capture store in {store_dir} ({CaptureStore(store_dir).tokens('train'):,} tokens)")
+        console.print(
+            f"reusing the capture store in {store_dir} ({CaptureStore(store_dir).tokens('train'):,} tokens)"
+        )
     else:
         run_capture(
-            CaptureConfig(model=str(teacher_dir), out=str(store_dir), data=data, tokens=capture_tokens, val_tokens=val_tokens),
+            CaptureConfig(
+                model=str(teacher_dir),
+                out=str(store_dir),
+                data=data,
+                tokens=capture_tokens,
+                val_tokens=val_tokens,
+            ),
             console=console,
         )
     timings["capture"] = time.perf_counter() - t

@@ -160,7 +160,9 @@ def test_cli_evaluate_under_expert_parallelism_matches_one_process_full_perplexi
     common = ["--policies", "full", "--blocks", "8", "--batch-size", "4"]
     single = CliRunner().invoke(app, ["evaluate", str(folder), *common, "--out", str(tmp_path / "one")])
     assert single.exit_code == 0, single.output
-    parallel = CliRunner().invoke(app, ["evaluate", str(folder), *common, "--ep", "2", "--out", str(tmp_path / "ep")])
+    parallel = CliRunner().invoke(
+        app, ["evaluate", str(folder), *common, "--ep", "2", "--out", str(tmp_path / "ep")]
+    )
     assert parallel.exit_code == 0, parallel.output
     one = json.loads((tmp_path / "one" / "report.json").read_text())["rows"][0]["perplexity"]
     ep = json.loads((tmp_path / "ep" / "ep" / "ep.json").read_text())
