@@ -41,7 +41,7 @@ from moe_understudy.runtime.speculative import estimate_affinity, predict_expert
 from moe_understudy.sim.traces import capture_trace  # noqa: E402
 from moe_understudy.teacher import load_model_and_tokenizer  # noqa: E402
 from moe_understudy.understudy.io import load_understudies, save_understudies  # noqa: E402
-from moe_understudy.understudy.modules import build_understudy  # noqa: E402
+from moe_understudy.understudy.modules import Shadows, build_understudy  # noqa: E402
 
 console = Console()
 
@@ -217,14 +217,16 @@ def main() -> None:
         u0 = next(iter(us.values()))
         cost = u0.flops_per_token() / layer0.active_expert_flops_per_token()
         slots = int(u0.param_count() // expert_params)
-        policies = ("full", "drop", "reroute", "understudy") if i == 0 else ("understudy",)
+        # Per-expert shadows serve single overflowing assignments; dense understudies whole tokens.
+        own = "shadow" if isinstance(u0, Shadows) else "understudy"
+        policies = ("full", "drop", "reroute", own) if i == 0 else (own,)
         for r in ep(
             "full" if i == 0 else f"contiguous-{label}",
             policies=policies,
             capacities=caps,
             understudies=str(path),
         ):
-            if r["policy"] == "understudy":
+            if r["policy"] == own:
                 r.update(
                     system=f"{r['system']} ({label})",
                     understudy=label,
@@ -324,6 +326,7 @@ def plot(rows: list[dict], path: Path, ranks: int) -> None:
             "drop": "x",
             "reroute": "v",
             "understudy": "s",
+            "shadow": "P",
             "replication": "^",
             "speculative": "D",
         }.get(kind, ".")
