@@ -95,10 +95,9 @@ def routing_load(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8, pr
 
 def save_heatmap(stats: LoadStats, path: str | Path, title: str = "tokens per expert") -> Path:
     """Write a (layer x expert) heatmap of the share of assignments each expert receives."""
-    import matplotlib
+    from moe_understudy.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     share = stats.counts.float() / stats.counts.float().sum(dim=1, keepdim=True)
     num_layers, num_experts = share.shape
@@ -114,11 +113,7 @@ def save_heatmap(stats: LoadStats, path: str | Path, title: str = "tokens per ex
     fig.colorbar(im, ax=ax, label="share of assignments")
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def inspect_model(

@@ -70,14 +70,30 @@ def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def plot_quality_vs_bytes(
-    rows: list[dict[str, Any]], path: str | Path, title: str = "quality under load"
-) -> Path:
-    """PNG: perplexity change vs full (y) against all-to-all bytes per token (x), one line per policy."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (folders created), close it, return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
+
+
+def plot_quality_vs_bytes(
+    rows: list[dict[str, Any]], path: str | Path, title: str = "quality under load"
+) -> Path:
+    """PNG: perplexity change vs full (y) against all-to-all bytes per token (x), one line per policy."""
+    plt = pyplot()
 
     lines = _series(rows)
     fig, ax = plt.subplots(figsize=(11, 6))
@@ -111,11 +127,7 @@ def plot_quality_vs_bytes(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the lines stay visible
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(

@@ -197,10 +197,9 @@ def results_table(rows: list[dict]) -> Table:
 
 def plot_scaling(rows: list[dict], path: Path, title: str = "") -> None:
     """Two panels against R (log2 axis): step time and bytes on the wire, one line per policy."""
-    import matplotlib
+    from moe_understudy.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for policy in dict.fromkeys(r["policy"] for r in rows):
@@ -216,5 +215,4 @@ def plot_scaling(rows: list[dict], path: Path, title: str = "") -> None:
     a.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
