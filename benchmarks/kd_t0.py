@@ -236,12 +236,24 @@ def verdict(scores: dict) -> list[str]:
                 a, b = scores[new][split], scores[base][split]
                 diff = a["mean"] - b["mean"]
                 noise = math.sqrt(a["std"] ** 2 + b["std"] ** 2)
-                word = "beats" if diff > 0 else "does not beat"
+                word = "beats" if diff > 0.005 else "trails" if diff < -0.005 else "ties"
                 lines.append(
-                    f"{split.replace('test_', '')}: {new} {word} {base} by {diff:+.2f} ROUGE-L "
-                    f"({a['mean']:.2f} vs {b['mean']:.2f}; seed std combined {noise:.2f}"
+                    f"{split.replace('test_', '')}: {new} {word} {base} by {abs(diff):.2f} ROUGE-L "
+                    f"({a['mean']:.2f} vs {b['mean']:.2f}; combined seed std {noise:.2f}"
                     f"{', within seed noise' if abs(diff) <= noise else ''})."
                 )
+    students = [r for r in scores if r != "teacher SFT"]
+    best = max(max(scores[r][k]["mean"] for k in ("test_seen", "test_unseen")) for r in students)
+    teacher = scores["teacher SFT"]
+    lines.append(
+        f"Best student score {best:.2f} vs teacher {teacher['test_seen']['mean']:.2f} (seen) / "
+        f"{teacher['test_unseen']['mean']:.2f} (unseen): "
+        + (
+            "the students did not learn the tasks at this budget, so this run cannot rank the methods."
+            if best < 0.25 * teacher["test_seen"]["mean"]
+            else "the students learned enough for the comparison to mean something."
+        )
+    )
     return lines
 
 
