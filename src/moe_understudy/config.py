@@ -35,7 +35,9 @@ class StageConfig:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+            raise ValueError(
+                f"{cls.__name__} has no field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}."
+            )
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})  # type: ignore[call-arg]
 
@@ -82,7 +84,9 @@ class DataConfig(StageConfig):
         if not 0.0 < self.val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}.")
         if self.vocab_size < 260:
-            raise ValueError(f"vocab_size must be at least 260 (256 bytes + specials), got {self.vocab_size}.")
+            raise ValueError(
+                f"vocab_size must be at least 260 (256 bytes + specials), got {self.vocab_size}."
+            )
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,9 @@ class KDConfig(StageConfig):
         if self.method not in KD_METHODS:
             raise ValueError(f"method must be one of {', '.join(KD_METHODS)}, got {self.method!r}.")
         if self.divergence is not None and self.divergence not in KD_DIVERGENCES:
-            raise ValueError(f"divergence must be one of {', '.join(KD_DIVERGENCES)}, got {self.divergence!r}.")
+            raise ValueError(
+                f"divergence must be one of {', '.join(KD_DIVERGENCES)}, got {self.divergence!r}."
+            )
         if not 0.0 <= self.ka_lambda <= 1.0 or not 0.0 <= self.explore_eps <= 1.0:
             raise ValueError("ka_lambda and explore_eps must lie in [0, 1].")
         if self.ka_passes < 1 or (self.ka_experts is not None and self.ka_experts < 1):
@@ -301,7 +307,9 @@ class DistillConfig(StageConfig):
 
     model: str = "runs/teacher"  # the model whose layers the store recorded
     store: str = "runs/store"  # capture store folder
-    out: str = "runs/understudies"  # output folder (safetensors + config.json; layerwise/ holds resume markers)
+    out: str = (
+        "runs/understudies"  # output folder (safetensors + config.json; layerwise/ holds resume markers)
+    )
     arch: str = "dense"  # dense | lowrank | merged | small_moe | shadows
     intermediate: int | None = None  # dense/merged/lowrank/small_moe intermediate (None: the arch default)
     rank: int | None = None  # lowrank bottleneck rank (None: hidden // 8)
@@ -322,7 +330,9 @@ class DistillConfig(StageConfig):
 
     def __post_init__(self) -> None:
         if self.arch not in ("dense", "lowrank", "merged", "small_moe", "shadows"):
-            raise ValueError(f"arch must be one of dense, lowrank, merged, small_moe, shadows; got {self.arch!r}.")
+            raise ValueError(
+                f"arch must be one of dense, lowrank, merged, small_moe, shadows; got {self.arch!r}."
+            )
         if self.loss not in ("mse", "cosine", "relative"):
             raise ValueError(f"loss must be mse, cosine or relative, got {self.loss!r}.")
         if self.steps <= 0 or self.batch_tokens <= 0 or self.eval_every <= 0 or self.patience <= 0:
@@ -340,10 +350,14 @@ class RuntimeConfig(StageConfig):
     capacity_factor: float = 1.0  # per-expert capacity = ceil(cf * tokens * k / E), per layer and step
     priority: str = "position"  # which assignments overflow first: position (arrival) | score (lowest weight)
     readmit: bool = True  # understudy: offer capacity freed by understudy tokens back to tokens that fit
-    threshold: float | None = None  # layer: max/mean load above which the layer uses its understudy; None = any overflow
+    threshold: float | None = (
+        None  # layer: max/mean load above which the layer uses its understudy; None = any overflow
+    )
     time_per_assignment: float = 1.0  # deadline: time an expert spends per assignment (cost-model units)
     latency: float = 0.0  # deadline: fixed dispatch + combine latency added to every expert result
-    deadline: float | None = None  # deadline: results later than this are replaced; None = capacity x time + latency
+    deadline: float | None = (
+        None  # deadline: results later than this are replaced; None = capacity x time + latency
+    )
 
     def __post_init__(self) -> None:
         from moe_understudy.runtime.policies import POLICIES, PRIORITIES
@@ -355,7 +369,9 @@ class RuntimeConfig(StageConfig):
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}.")
         if self.threshold is not None and self.threshold < 1.0:
-            raise ValueError(f"threshold is a max/mean load ratio and must be at least 1, got {self.threshold}.")
+            raise ValueError(
+                f"threshold is a max/mean load ratio and must be at least 1, got {self.threshold}."
+            )
         if self.time_per_assignment <= 0 or self.latency < 0:
             raise ValueError("time_per_assignment must be positive and latency non-negative.")
 
@@ -375,7 +391,9 @@ class EvalConfig(StageConfig):
     """Quality under load (`understudy evaluate`): every policy x capacity factor on one scenario."""
 
     model: str = "runs/teacher"  # saved MoE model folder (teacher) with its tokenizer
-    understudies: str | None = None  # folder written by `understudy distill`; needed by understudy/layer/deadline/shadow
+    understudies: str | None = (
+        None  # folder written by `understudy distill`; needed by understudy/layer/deadline/shadow
+    )
     out: str = "runs/eval"  # report folder: report.json, report.png, eval.yaml
     policies: tuple[str, ...] = ("full", "drop", "reroute", "understudy")  # policies compared side by side
     capacities: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)  # capacity factors swept for every capacity policy
@@ -383,9 +401,13 @@ class EvalConfig(StageConfig):
     scenario: str = "natural"  # natural (held-out text) | domain_shift | hot_expert
     hot_expert: int = 0  # hot_expert: the expert whose router logit is raised (every layer)
     hot_bias: float = 2.0  # hot_expert: logit bias added to that expert
-    data: DataConfig = field(default_factory=DataConfig)  # corpus for natural text when the model folder has no cached blocks
+    data: DataConfig = field(
+        default_factory=DataConfig
+    )  # corpus for natural text when the model folder has no cached blocks
     max_blocks: int = 64  # evaluation blocks (of data.block_size tokens)
-    batch_sizes: tuple[int, ...] = (8,)  # blocks per forward step; capacity is per step, so this is the batch-size sweep
+    batch_sizes: tuple[int, ...] = (
+        8,
+    )  # blocks per forward step; capacity is per step, so this is the batch-size sweep
     num_devices: int = 4  # devices the experts are spread over (contiguously) for all-to-all bytes
     readmit: bool = True  # understudy policy: refill freed capacity (see RuntimeConfig)
     threshold: float | None = None  # layer policy threshold (see RuntimeConfig)
@@ -397,7 +419,9 @@ class EvalConfig(StageConfig):
 
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
-            raise ValueError(f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(self.policies)}.")
+            raise ValueError(
+                f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(self.policies)}."
+            )
         if not self.capacities or any(c <= 0 for c in self.capacities):
             raise ValueError(f"capacities must be positive numbers, got {list(self.capacities)}.")
         if self.priority not in PRIORITIES:
@@ -419,11 +443,19 @@ class EPConfig(StageConfig):
     """Evaluation under real expert parallelism (`python -m moe_understudy.runtime.ep`, `evaluate --ep N`)."""
 
     model: str = "runs/teacher"  # saved MoE model folder with its tokenizer (and cached blocks.pt)
-    understudies: str | None = None  # folder written by `understudy distill`; needed by understudy/layer/deadline/shadow
-    policies: tuple[str, ...] = ("full",)  # policies run in one launch (capacity over the GLOBAL batch of all ranks)
-    capacities: tuple[float, ...] = (1.0,)  # capacity factors for every policy but full: ceil(cf * global tokens * k / E)
+    understudies: str | None = (
+        None  # folder written by `understudy distill`; needed by understudy/layer/deadline/shadow
+    )
+    policies: tuple[str, ...] = (
+        "full",
+    )  # policies run in one launch (capacity over the GLOBAL batch of all ranks)
+    capacities: tuple[float, ...] = (
+        1.0,
+    )  # capacity factors for every policy but full: ceil(cf * global tokens * k / E)
     priority: str = "position"  # position | score
-    placement: str = "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file
+    placement: str = (
+        "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file
+    )
     extra_slots: int = 0  # replicate: expert slots per rank beyond ceil(E / ranks) (the memory budget)
     data: DataConfig = field(default_factory=DataConfig)  # corpus when the model folder has no cached blocks
     max_blocks: int = 64  # evaluation blocks over all ranks (of data.block_size tokens)
@@ -437,7 +469,9 @@ class EPConfig(StageConfig):
 
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
-            raise ValueError(f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(self.policies)}.")
+            raise ValueError(
+                f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(self.policies)}."
+            )
         if self.priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
         if not self.capacities or any(c <= 0 for c in self.capacities):
@@ -479,9 +513,18 @@ class SimConfig(StageConfig):
     synthetic_experts: int = 8  # synthetic trace: experts per layer
     synthetic_layers: int = 4  # synthetic trace: MoE layers
     top_k: int = 2  # synthetic trace: experts per token
-    data: DataConfig = field(default_factory=DataConfig)  # corpus for capture when the model folder has no blocks
+    data: DataConfig = field(
+        default_factory=DataConfig
+    )  # corpus for capture when the model folder has no blocks
     max_blocks: int = 64  # blocks captured from the model
-    ranks: tuple[int, ...] = (8, 16, 32, 64, 128, 256)  # cluster sizes; experts expand by tiling when ranks > E
+    ranks: tuple[int, ...] = (
+        8,
+        16,
+        32,
+        64,
+        128,
+        256,
+    )  # cluster sizes; experts expand by tiling when ranks > E
     policies: tuple[str, ...] = SIM_POLICIES  # compared side by side
     capacity_factor: float = 1.0  # capacity of drop / reroute / understudy
     priority: str = "position"  # position | score
@@ -499,7 +542,9 @@ class SimConfig(StageConfig):
 
         bad = [p for p in self.policies if p not in SIM_POLICIES]
         if bad or not self.policies:
-            raise ValueError(f"policies must be a non-empty list from {', '.join(SIM_POLICIES)}; got {list(self.policies)}.")
+            raise ValueError(
+                f"policies must be a non-empty list from {', '.join(SIM_POLICIES)}; got {list(self.policies)}."
+            )
         if not self.ranks or any(r < 1 for r in self.ranks):
             raise ValueError(f"ranks must be positive integers, got {list(self.ranks)}.")
         if self.priority not in PRIORITIES:
@@ -533,6 +578,8 @@ class DemoConfig(StageConfig):
 
     def __post_init__(self) -> None:
         if self.capture_tokens <= 0 or self.distill_steps <= 0 or self.e2e_steps < 0 or self.eval_blocks <= 0:
-            raise ValueError("capture_tokens, distill_steps and eval_blocks must be positive; e2e_steps >= 0.")
+            raise ValueError(
+                "capture_tokens, distill_steps and eval_blocks must be positive; e2e_steps >= 0."
+            )
         if not self.capacities or any(c <= 0 for c in self.capacities):
             raise ValueError("capacities must be positive capacity factors.")
