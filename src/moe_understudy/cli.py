@@ -882,6 +882,30 @@ def ep_evaluate(
 
 
 # ---- section: kd (sft, kd, rouge) --------------------------------------------------------------
+# Options that sft, kd and rouge share (one declaration, one help text).
+FmtOption = Annotated[str | None, typer.Option(help="Instruction format of the files (default auto-detect).")]
+ValDataOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Validation file for checkpoint selection (default: hold out --val-examples rows of --data)."
+    ),
+]
+MaxExamplesOption = Annotated[int | None, typer.Option(help="Use at most this many training examples.")]
+MaxPromptOption = Annotated[
+    int | None, typer.Option(help="Prompt tokens kept, cut from the left (default 256).")
+]
+MaxTotalOption = Annotated[int | None, typer.Option(help="Prompt + response tokens kept (default 512).")]
+EvalEveryOption = Annotated[
+    int | None,
+    typer.Option(help="Steps between validation ROUGE-L checks and checkpoints (default 100)."),
+]
+MaxNewTokensOption = Annotated[
+    int | None, typer.Option(help="Generated tokens per validation response (default 64).")
+]
+SeedOption = Annotated[int | None, typer.Option(help="Random seed (default 0).")]
+ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")]
+
+
 @app.command()
 @user_errors
 def sft(
@@ -909,41 +933,25 @@ def sft(
     vocab_size: Annotated[
         int | None, typer.Option(help="BPE vocabulary when a tokenizer is trained here (default 4096).")
     ] = None,
-    fmt: Annotated[
-        str | None, typer.Option(help="Instruction format of the files (default auto-detect).")
-    ] = None,
-    val_data: Annotated[
-        str | None,
-        typer.Option(
-            help="Validation file for checkpoint selection (default: hold out --val-examples rows of --data)."
-        ),
-    ] = None,
+    fmt: FmtOption = None,
+    val_data: ValDataOption = None,
     val_examples: Annotated[
         int | None,
         typer.Option(
             help="Validation examples scored by greedy ROUGE-L (default 64; 0 keeps the last model)."
         ),
     ] = None,
-    max_examples: Annotated[int | None, typer.Option(help="Use at most this many training examples.")] = None,
-    max_prompt: Annotated[
-        int | None, typer.Option(help="Prompt tokens kept, cut from the left (default 256).")
-    ] = None,
-    max_total: Annotated[
-        int | None, typer.Option(help="Prompt + response tokens kept (default 512).")
-    ] = None,
+    max_examples: MaxExamplesOption = None,
+    max_prompt: MaxPromptOption = None,
+    max_total: MaxTotalOption = None,
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (default 500).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step (default 16).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 1e-3).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Linear warm-up steps (default 20).")] = None,
-    eval_every: Annotated[
-        int | None,
-        typer.Option(help="Steps between validation ROUGE-L checks and checkpoints (default 100)."),
-    ] = None,
-    max_new_tokens: Annotated[
-        int | None, typer.Option(help="Generated tokens per validation response (default 64).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
+    eval_every: EvalEveryOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    seed: SeedOption = None,
+    resume: ResumeOption = False,
     config: Annotated[
         Path | None, typer.Option(help="Read options from an sft.yaml (flags given here override it).")
     ] = None,
@@ -1020,25 +1028,14 @@ def kd(
             help="Distil on the dataset's responses instead of student samples (non-kd methods).",
         ),
     ] = False,
-    fmt: Annotated[
-        str | None, typer.Option(help="Instruction format of the files (default auto-detect).")
-    ] = None,
-    val_data: Annotated[
-        str | None,
-        typer.Option(
-            help="Validation file for checkpoint selection (default: hold out --val-examples rows of --data)."
-        ),
-    ] = None,
+    fmt: FmtOption = None,
+    val_data: ValDataOption = None,
     val_examples: Annotated[
         int | None, typer.Option(help="Validation examples scored by greedy ROUGE-L (default 64).")
     ] = None,
-    max_examples: Annotated[int | None, typer.Option(help="Use at most this many training examples.")] = None,
-    max_prompt: Annotated[
-        int | None, typer.Option(help="Prompt tokens kept, cut from the left (default 256).")
-    ] = None,
-    max_total: Annotated[
-        int | None, typer.Option(help="Prompt + response tokens kept (default 512).")
-    ] = None,
+    max_examples: MaxExamplesOption = None,
+    max_prompt: MaxPromptOption = None,
+    max_total: MaxTotalOption = None,
     gen_max_new_tokens: Annotated[
         int | None, typer.Option(help="Length of student-sampled responses (default 64).")
     ] = None,
@@ -1080,15 +1077,10 @@ def kd(
     entropy_weight: Annotated[
         float | None, typer.Option(help="B-Distill: weight of the entropy-floor penalty (default 0.1).")
     ] = None,
-    eval_every: Annotated[
-        int | None,
-        typer.Option(help="Steps between validation ROUGE-L checks and checkpoints (default 100)."),
-    ] = None,
-    max_new_tokens: Annotated[
-        int | None, typer.Option(help="Generated tokens per validation response (default 64).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")] = False,
+    eval_every: EvalEveryOption = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    seed: SeedOption = None,
+    resume: ResumeOption = False,
     config: Annotated[
         Path | None, typer.Option(help="Read options from a kd.yaml (flags given here override it).")
     ] = None,
@@ -1143,9 +1135,7 @@ def rouge(
     data: Annotated[
         list[str], typer.Option(help="Instruction file to score; repeat --data for several datasets.")
     ],
-    fmt: Annotated[
-        str | None, typer.Option(help="Instruction format of the files (default auto-detect).")
-    ] = None,
+    fmt: FmtOption = None,
     seeds: Annotated[
         str | None, typer.Option(help="Comma-separated sampling seeds (default 10,20,30,40,50).")
     ] = None,
@@ -1159,9 +1149,7 @@ def rouge(
         int | None,
         typer.Option(help="Generated tokens per response, cut earlier at end-of-text (default 128)."),
     ] = None,
-    max_prompt: Annotated[
-        int | None, typer.Option(help="Prompt tokens kept, cut from the left (default 256).")
-    ] = None,
+    max_prompt: MaxPromptOption = None,
     batch_size: Annotated[
         int | None,
         typer.Option(help="Prompts generated together with left padding and the KV cache (default 16)."),
