@@ -102,7 +102,7 @@ def teacher(
     from moe_understudy.teacher import train_teacher
 
     base = (
-        TeacherConfig.from_yaml(config) if config else (quick_teacher_config() if quick else TeacherConfig())
+        TeacherConfig.from_yaml(config) if config else (TeacherConfig.quick() if quick else TeacherConfig())
     )
     data_cfg = base.data.replace(
         **_given(
@@ -130,21 +130,6 @@ def teacher(
         f"[bold green]teacher saved to {result.out_dir}[/]: held-out perplexity {result.val_perplexity:.2f}, "
         f"{result.tokens_per_second:,.0f} tokens/s, {result.train_seconds / 60:.1f} min, "
         f"max/mean expert load per layer-batch {', '.join(f'{r:.2f}' for r in result.max_over_mean_per_batch)}"
-    )
-
-
-def quick_teacher_config():
-    from moe_understudy.config import DataConfig, TeacherConfig
-
-    return TeacherConfig(
-        preset="quick",
-        data=DataConfig(max_chars=400_000, vocab_size=512, block_size=64),
-        steps=60,
-        batch_size=8,
-        lr=3e-3,
-        warmup=10,
-        eval_every=20,
-        eval_batches=2,
     )
 
 

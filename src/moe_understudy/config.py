@@ -111,6 +111,20 @@ class TeacherConfig(StageConfig):
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive.")
 
+    @classmethod
+    def quick(cls) -> TeacherConfig:
+        """Seconds-long teacher run on the tiny `quick` preset (`--quick`, tests, smoke checks)."""
+        return cls(
+            preset="quick",
+            data=DataConfig(max_chars=400_000, vocab_size=512, block_size=64),
+            steps=60,
+            batch_size=8,
+            lr=3e-3,
+            warmup=10,
+            eval_every=20,
+            eval_batches=2,
+        )
+
 
 # ---- kd ----
 KD_METHODS = ("kd", "gkd", "all", "ka", "sar", "bdistill")

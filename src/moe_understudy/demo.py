@@ -25,11 +25,7 @@ from moe_understudy.config import (
 
 
 def demo_teacher_config(cfg: DemoConfig) -> TeacherConfig:
-    if cfg.quick:
-        from moe_understudy.cli import quick_teacher_config
-
-        return quick_teacher_config()
-    return TeacherConfig()
+    return TeacherConfig.quick() if cfg.quick else TeacherConfig()
 
 
 def _quick_e2e(data, steps: int) -> EndToEndConfig:
