@@ -1,17 +1,25 @@
 """Whole-model MoE distillation on the T0 mix, EEM Table 1 in miniature: ROUGE-L on seen / unseen templates.
 
-Pipeline (all stages resumable; intermediate models under runs/kd_t0/, results committed here):
+Pipeline (all stages resumable; intermediate models under --out-dir, default runs/kd_t0/; results committed here):
 1. T0 mix from ../shared/data, prompts <= 400 characters and responses <= 16 words; templates split
    seen / unseen (25% of templates held out); train / val / seen-test drawn from seen templates.
 2. BPE tokenizer trained on the training examples (data.tokenizer.train_bpe).
 3. Teacher: `mixtral` preset MoE (8 experts, top-2) SFT-ed from scratch on the instruction data.
-4. Students SFT-ed from scratch: dense `quick-student` and MoE `quick-moe-student` (for B-Distill).
-5. From the dense student's SFT checkpoint: KD, GKD, ALL, KA, SAR for the same number of steps;
+4. Students SFT-ed from scratch: dense --student (default `quick-student`) and MoE --moe-student
+   (default `quick-moe-student`, for B-Distill), --student-steps each.
+5. From the dense student's SFT checkpoint: KD, GKD, ALL, KA, SAR for --kd-steps each;
    B-Distill from the MoE student's checkpoint. "student SFT" continues SFT for those same steps,
    so every student row has seen the same number of optimiser steps.
-6. ROUGE-L F1 x100 by sampling (temperature 1, top-p 1, top-k 0) over seeds 10..50.
+6. ROUGE-L F1 x100 by sampling (temperature 1, top-p 1, top-k 0) over seeds 10..50, on the first
+   --test-examples of the 100 held-out examples per split.
 
 Run: .venv/bin/python benchmarks/kd_t0.py [--fast]   (--fast: a much shorter smoke run)
+Defaults reproduce the first (too small) run: quick-student, 250 teacher / 150 student SFT steps, 50 KD steps,
+4000 training examples, 100 test examples per split. A bigger budget goes in its own folder, e.g.
+  .venv/bin/python benchmarks/kd_t0.py --student llama-student --student-steps 400 --kd-steps 60 \
+      --out-dir runs/kd_t0_llama --reuse-teacher runs/kd_t0
+(--reuse-teacher copies the data split, tokenizer and trained teacher of an earlier run made with the same
+data settings, so the teacher is not retrained.)
 """
 
 from __future__ import annotations
@@ -48,11 +56,15 @@ KD_METHODS = ("kd", "gkd", "all", "ka", "sar")
 MAX_PROMPT_CHARS = 400  # short prompts keep the whole table within about an hour of shared CPU
 
 
-def settings(fast: bool) -> dict:
+TEST_POOL = 100  # held-out examples written per split; the train/val split does not depend on --test-examples
+
+
+def settings(fast: bool, args: argparse.Namespace | None = None) -> dict:
+    """Budget of the run: the historical defaults, --fast's smoke budget, then any flag given explicitly."""
     s = dict(
         train=4000,
         val=32,
-        test=100,
+        test=TEST_POOL,
         vocab=2048,
         max_prompt=192,
         max_total=256,
@@ -64,9 +76,22 @@ def settings(fast: bool) -> dict:
         sft_bs=16,
         kd_bs=16,
         kd_lr=3e-4,
+        student="quick-student",
+        moe_student="quick-moe-student",
     )
     if fast:
         s.update(train=400, val=8, test=16, teacher_steps=20, student_steps=20, kd_steps=6)
+    if args is not None:
+        flags = dict(
+            train=args.train,
+            test=args.test_examples,
+            teacher_steps=args.teacher_steps,
+            student_steps=args.student_steps,
+            kd_steps=args.kd_steps,
+            student=args.student,
+            moe_student=args.moe_student,
+        )
+        s.update({k: v for k, v in flags.items() if v is not None})
     return s
 
 
@@ -88,7 +113,7 @@ def prepare_data(run: Path, s: dict) -> dict[str, Path]:
     seen, unseen = split_by_task(short, unseen_fraction=0.25, seed=0)
     random.Random(0).shuffle(seen)
     random.Random(1).shuffle(unseen)
-    t, v = s["test"], s["val"]
+    t, v = max(s["test"], TEST_POOL), s["val"]
     parts = {
         "test_seen": seen[:t],
         "val": seen[t : t + v],
@@ -98,6 +123,50 @@ def prepare_data(run: Path, s: dict) -> dict[str, Path]:
     for k, ex in parts.items():
         write_jsonl(files[k], ex)
     return files
+
+
+def reuse_teacher(src: Path, run: Path, s: dict) -> None:
+    """Copy data split, tokenizer and teacher SFT from an earlier run, refusing one made with other settings."""
+    import shutil
+
+    import yaml
+
+    cfg = yaml.safe_load((src / "teacher_sft" / "sft.yaml").read_text())
+    n_train = sum(1 for _ in open(src / "train.jsonl"))
+    n_val = sum(1 for _ in open(src / "val.jsonl"))
+    if (cfg.get("model"), cfg.get("steps"), n_train, n_val) != (
+        "mixtral",
+        s["teacher_steps"],
+        s["train"],
+        s["val"],
+    ):
+        raise SystemExit(
+            f"{src} has teacher {cfg.get('model')}/{cfg.get('steps')} steps on {n_train}/{n_val} train/val examples; "
+            f"this run needs mixtral/{s['teacher_steps']} on {s['train']}/{s['val']}: drop --reuse-teacher."
+        )
+    for name in ("train.jsonl", "val.jsonl", "test_seen.jsonl", "test_unseen.jsonl"):
+        if not (run / name).exists():
+            shutil.copy2(src / name, run / name)
+    for name in ("tokenizer", "teacher_sft"):
+        if not (run / name).exists():
+            shutil.copytree(src / name, run / name)
+    timings = _load(src / "timings.json")
+    if "teacher_sft" in timings and "teacher_sft" not in _load(run / "timings.json"):
+        (run / "timings.json").write_text(
+            json.dumps({"teacher_sft (reused)": timings["teacher_sft"]}, indent=2)
+        )
+
+
+def describe(preset: str) -> str:
+    """One line naming a student preset and its shape."""
+    from moe_understudy.moe.presets import preset_config
+
+    c = preset_config(preset, 2048)
+    experts = getattr(c, "num_local_experts", None)
+    shape = f"{c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate {c.intermediate_size}"
+    return f"{preset} ({c.model_type}, {shape}" + (
+        f", {experts} experts top-{c.num_experts_per_tok})" if experts else ")"
+    )
 
 
 def done(path: Path) -> bool:
@@ -163,14 +232,14 @@ def train_all(run: Path, files: dict[str, Path], s: dict, console: Console) -> d
     )
     student = sft(
         "student_sft0",
-        model="quick-student",
+        model=s["student"],
         steps=s["student_steps"],
         eval_every=max(1, s["student_steps"] // 4),
         **sft_kw,
     )
     moe_student = sft(
         "moe_student_sft0",
-        model="quick-moe-student",
+        model=s["moe_student"],
         steps=s["student_steps"],
         eval_every=max(1, s["student_steps"] // 4),
         **sft_kw,
@@ -205,7 +274,7 @@ def _load(path: Path) -> dict:
 def evaluate(rows: dict[str, Path], files: dict[str, Path], s: dict, run: Path, console: Console) -> dict:
     """ROUGE-L mean/std over seeds for each row on seen and unseen templates (cached per row)."""
     cache = _load(run / "scores.json")
-    tests = {k: load_instructions(files[k]) for k in ("test_seen", "test_unseen")}
+    tests = {k: load_instructions(files[k])[: s["test"]] for k in ("test_seen", "test_unseen")}
     for row, path in rows.items():
         if row in cache:
             continue
@@ -291,15 +360,41 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="tiny smoke run (minutes), results not written")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--student", help="dense student preset (default quick-student)")
+    parser.add_argument("--moe-student", help="MoE student preset for B-Distill (default quick-moe-student)")
+    parser.add_argument("--teacher-steps", type=int, help="teacher SFT steps (default 250)")
+    parser.add_argument(
+        "--student-steps", type=int, help="SFT steps of each student from scratch (default 150)"
+    )
+    parser.add_argument(
+        "--kd-steps", type=int, help="steps of every KD method and of continued SFT (default 50)"
+    )
+    parser.add_argument("--train", type=int, help="training examples (default 4000)")
+    parser.add_argument(
+        "--test-examples",
+        type=int,
+        help=f"test examples scored per split, at most {TEST_POOL} (default {TEST_POOL})",
+    )
+    parser.add_argument(
+        "--out-dir", help="run folder for models and caches (default runs/kd_t0, runs/kd_t0_fast)"
+    )
+    parser.add_argument(
+        "--reuse-teacher",
+        help="earlier run folder whose data split, tokenizer and teacher SFT are copied in (same data settings)",
+    )
     args = parser.parse_args()
     console = Console()
     if not DATA.exists():
         console.print(f"[yellow]{DATA} is absent: the T0 distillation benchmark needs it; nothing to do.[/]")
         return 0
     torch.set_num_threads(args.threads)
-    s = settings(args.fast)
-    run = ROOT / "runs" / (NAME + ("_fast" if args.fast else ""))
+    s = settings(args.fast, args)
+    if not 1 <= s["test"] <= TEST_POOL:
+        parser.error(f"--test-examples must be between 1 and {TEST_POOL}")
+    run = Path(args.out_dir) if args.out_dir else ROOT / "runs" / (NAME + ("_fast" if args.fast else ""))
     run.mkdir(parents=True, exist_ok=True)
+    if args.reuse_teacher:
+        reuse_teacher(Path(args.reuse_teacher), run, s)
     t0 = time.time()
     files = prepare_data(run, s)
     rows = train_all(run, files, s, console)
@@ -325,8 +420,8 @@ def main() -> int:
             "settings": s,
             "models": {
                 "teacher": "mixtral preset (8 experts x 256, top-2, 4 layers, hidden 128)",
-                "student": "quick-student (dense Llama, 2 layers, hidden 64)",
-                "moe_student": "quick-moe-student (4 experts x 32, top-2, 2 layers, hidden 64)",
+                "student": describe(s["student"]),
+                "moe_student": describe(s["moe_student"]),
             },
             "data": {
                 "file": str(DATA),
