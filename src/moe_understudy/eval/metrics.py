@@ -9,14 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 mean of `values` where `mask` is true; 0 when nothing is selected."""
-    values = values.float()
-    if mask is None:
-        return values.mean() if values.numel() else values.new_zeros(())
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+from moe_understudy.reduce import masked_mean
 
 
 def next_token_view(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,20 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of `values` (any shape) over positions where `mask` (same shape, bool/0-1) is set.
-
-    An empty mask returns `0 * values.sum()`: zero, with a gradient path, never NaN.
-    """
-    values = values.float()
-    if mask is None:
-        return values.mean() if values.numel() else values.sum() * 0.0
-    mask = mask.to(values.dtype)
-    denom = mask.sum()
-    if denom.item() == 0:
-        return (values * 0.0).sum()
-    return (values * mask).sum() / denom
+from moe_understudy.reduce import masked_mean
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:

@@ -10,17 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_understudy.kd.losses import forward_kl, reverse_kl
+from moe_understudy.reduce import masked_mean
+
 LAYER_LOSSES = ("mse", "cosine", "relative")
 KL_DIRECTIONS = ("forward", "reverse")
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of `values` over positions where `mask` is true; 0 (with a graph) when no position is."""
-    values = values.float()
-    if mask is None:
-        return values.mean() if values.numel() else values.sum()
-    mask = mask.to(values.device, torch.float32)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def mse_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,10 +71,7 @@ def kl_loss(
     """
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"Unknown KL direction {direction!r}; choose one of: {', '.join(KL_DIRECTIONS)}.")
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    if direction == "forward":
-        per_pos = (t.exp() * (t - s)).sum(dim=-1)
-    else:
-        per_pos = (s.exp() * (s - t)).sum(dim=-1)
-    return masked_mean(per_pos, mask) * temperature**2
+    kl = forward_kl if direction == "forward" else reverse_kl
+    return (
+        kl(student_logits.float() / temperature, teacher_logits.float() / temperature, mask) * temperature**2
+    )
