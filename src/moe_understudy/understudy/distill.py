@@ -12,7 +12,6 @@ A rerun with `resume` skips layers whose marker exists and reuses a finished end
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,17 +65,10 @@ def perplexity_with(
     model: nn.Module, blocks: torch.Tensor, understudies: dict[int, nn.Module] | None, batch_size: int = 8
 ) -> float:
     """Held-out perplexity of `model` over `blocks` (N, S), every MoE layer in `understudies` fully replaced."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
+    from moe_understudy.teacher import perplexity
+
     with substituted(model, understudies or {}, fraction=1.0):
-        for s in range(0, len(blocks), batch_size):
-            ids = blocks[s : s + batch_size].to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            total += nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            ).item()
-            count += ids[:, 1:].numel()
-    return math.exp(total / max(1, count))
+        return perplexity(model, blocks, batch_size)
 
 
 def _check_out_dir(cfg: DistillConfig, out: Path, resume: bool) -> None:
