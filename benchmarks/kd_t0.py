@@ -56,7 +56,7 @@ KD_METHODS = ("kd", "gkd", "all", "ka", "sar")
 MAX_PROMPT_CHARS = 400  # short prompts keep the whole table within about an hour of shared CPU
 
 
-TEST_POOL = 100  # held-out examples written per split; the train/val split does not depend on --test-examples
+TEST_POOL = 100  # held-out examples written per split (more if --test-examples asks for more)
 
 
 def settings(fast: bool, args: argparse.Namespace | None = None) -> dict:
@@ -76,6 +76,7 @@ def settings(fast: bool, args: argparse.Namespace | None = None) -> dict:
         sft_bs=16,
         kd_bs=16,
         kd_lr=3e-4,
+        teacher="mixtral",
         student="quick-student",
         moe_student="quick-moe-student",
     )
@@ -84,7 +85,9 @@ def settings(fast: bool, args: argparse.Namespace | None = None) -> dict:
     if args is not None:
         flags = dict(
             train=args.train,
+            val=args.val,
             test=args.test_examples,
+            teacher=args.teacher,
             teacher_steps=args.teacher_steps,
             student_steps=args.student_steps,
             kd_steps=args.kd_steps,
@@ -120,6 +123,11 @@ def prepare_data(run: Path, s: dict) -> dict[str, Path]:
         "train": seen[t + v : t + v + s["train"]],
         "test_unseen": unseen[:t],
     }
+    if len(parts["train"]) < s["train"]:
+        raise SystemExit(
+            f"Only {len(parts['train'])} training examples remain after the test and validation split; "
+            f"pass --train {len(parts['train'])} or fewer."
+        )
     for k, ex in parts.items():
         write_jsonl(files[k], ex)
     return files
@@ -134,15 +142,13 @@ def reuse_teacher(src: Path, run: Path, s: dict) -> None:
     cfg = yaml.safe_load((src / "teacher_sft" / "sft.yaml").read_text())
     n_train = sum(1 for _ in open(src / "train.jsonl"))
     n_val = sum(1 for _ in open(src / "val.jsonl"))
-    if (cfg.get("model"), cfg.get("steps"), n_train, n_val) != (
-        "mixtral",
-        s["teacher_steps"],
-        s["train"],
-        s["val"],
-    ):
+    n_test = sum(1 for _ in open(src / "test_seen.jsonl"))
+    have = (cfg.get("model"), cfg.get("steps"), n_train, n_val, n_test)
+    need = (s["teacher"], s["teacher_steps"], s["train"], s["val"], max(s["test"], TEST_POOL))
+    if have != need:
         raise SystemExit(
-            f"{src} has teacher {cfg.get('model')}/{cfg.get('steps')} steps on {n_train}/{n_val} train/val examples; "
-            f"this run needs mixtral/{s['teacher_steps']} on {s['train']}/{s['val']}: drop --reuse-teacher."
+            f"{src} has teacher {have[0]}/{have[1]} steps on {have[2]}/{have[3]}/{have[4]} train/val/test examples; "
+            f"this run needs {need[0]}/{need[1]} on {need[2]}/{need[3]}/{need[4]}: drop --reuse-teacher."
         )
     for name in ("train.jsonl", "val.jsonl", "test_seen.jsonl", "test_unseen.jsonl"):
         if not (run / name).exists():
@@ -225,7 +231,7 @@ def train_all(run: Path, files: dict[str, Path], s: dict, console: Console) -> d
     sft_kw = dict(batch_size=s["sft_bs"], lr=1e-3, tokenizer=tok)
     teacher = sft(
         "teacher_sft",
-        model="mixtral",
+        model=s["teacher"],
         steps=s["teacher_steps"],
         eval_every=max(1, s["teacher_steps"] // 4),
         **sft_kw,
@@ -311,6 +317,16 @@ def verdict(scores: dict) -> list[str]:
                     f"({a['mean']:.2f} vs {b['mean']:.2f}; combined seed std {noise:.2f}"
                     f"{', within seed noise' if abs(diff) <= noise else ''})."
                 )
+    teacher, student = scores["teacher SFT"], scores["student SFT"]
+    gaps = [teacher[k]["mean"] - student[k]["mean"] for k in ("test_seen", "test_unseen")]
+    lines.append(
+        f"Teacher SFT minus student SFT: {gaps[0]:+.2f} (seen) / {gaps[1]:+.2f} (unseen) ROUGE-L: "
+        + (
+            "the teacher is stronger on both splits, so there is something to distil."
+            if min(gaps) > 0
+            else "the teacher is not stronger on every split, so gains from distillation are not expected."
+        )
+    )
     students = [r for r in scores if r != "teacher SFT"]
     best = max(max(scores[r][k]["mean"] for k in ("test_seen", "test_unseen")) for r in students)
     teacher = scores["teacher SFT"]
@@ -360,6 +376,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="tiny smoke run (minutes), results not written")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--teacher", help="MoE teacher preset (default mixtral)")
     parser.add_argument("--student", help="dense student preset (default quick-student)")
     parser.add_argument("--moe-student", help="MoE student preset for B-Distill (default quick-moe-student)")
     parser.add_argument("--teacher-steps", type=int, help="teacher SFT steps (default 250)")
@@ -371,9 +388,12 @@ def main() -> int:
     )
     parser.add_argument("--train", type=int, help="training examples (default 4000)")
     parser.add_argument(
+        "--val", type=int, help="validation examples for checkpoint choice, greedy ROUGE-L (default 32)"
+    )
+    parser.add_argument(
         "--test-examples",
         type=int,
-        help=f"test examples scored per split, at most {TEST_POOL} (default {TEST_POOL})",
+        help=f"test examples scored per split (default {TEST_POOL}; above {TEST_POOL} the split is redrawn)",
     )
     parser.add_argument(
         "--out-dir", help="run folder for models and caches (default runs/kd_t0, runs/kd_t0_fast)"
@@ -389,8 +409,8 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     s = settings(args.fast, args)
-    if not 1 <= s["test"] <= TEST_POOL:
-        parser.error(f"--test-examples must be between 1 and {TEST_POOL}")
+    if s["test"] < 1 or s["val"] < 1 or s["train"] < 1:
+        parser.error("--train, --val and --test-examples must be positive")
     run = Path(args.out_dir) if args.out_dir else ROOT / "runs" / (NAME + ("_fast" if args.fast else ""))
     run.mkdir(parents=True, exist_ok=True)
     if args.reuse_teacher:
@@ -419,7 +439,7 @@ def main() -> int:
         {
             "settings": s,
             "models": {
-                "teacher": "mixtral preset (8 experts x 256, top-2, 4 layers, hidden 128)",
+                "teacher": describe(s["teacher"]),
                 "student": describe(s["student"]),
                 "moe_student": describe(s["moe_student"]),
             },

@@ -34,6 +34,7 @@ from torch import nn
 from moe_understudy.config import TeacherConfig
 from moe_understudy.data import get_tokenizer, load_corpus, pack_blocks
 from moe_understudy.errors import UserError
+from moe_understudy.eval.metrics import next_token_view, token_nll
 from moe_understudy.inspect_routing import routing_load
 from moe_understudy.moe.presets import build_model, preset_config
 
@@ -75,11 +76,7 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> 
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         ids = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += loss.item()
+        total += token_nll(*next_token_view(model(input_ids=ids).logits, ids)).sum().item()
         count += ids[:, 1:].numel()
     model.train(was_training)
     return math.exp(total / max(1, count))

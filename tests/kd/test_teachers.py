@@ -7,6 +7,7 @@ from moe_understudy.kd.teachers import (
     RoutingRecorder,
     router_parameters,
     routing_mode,
+    select_all,
     select_explore,
     select_ka,
 )
@@ -49,8 +50,6 @@ def test_all_mode_is_the_router_weighted_dense_mixture_of_every_expert():
         for e in range(layer.num_experts):
             g, u, d = layer.expert_weights(e)
             manual += probs[:, e : e + 1] * ((layer.act_fn(x[0] @ g.T) * (x[0] @ u.T)) @ d.T)
-        from moe_understudy.kd.teachers import select_all
-
         out = RoutedBlock(layer, select_all)(x)[0]
     torch.testing.assert_close(out, manual, rtol=1e-5, atol=1e-6)
 
@@ -152,3 +151,19 @@ def test_explore_weights_carry_gradient_to_the_router():
     with routing_mode(model, "explore", explore_eps=0.1):
         model(_ids()).logits.pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router_parameters(model))
+
+
+def test_deepseek_all_and_ka_weights_keep_the_routed_scaling_factor_and_sigmoid_scores():
+    cfg = tiny_config("deepseek_v3")
+    cfg.routed_scaling_factor, cfg.norm_topk_prob = 2.5, True
+    layer = find_moe_layers(build_model(cfg, seed=0))[0]
+    with torch.no_grad():
+        r = layer.route(torch.randn(6, layer.hidden_size))
+    sigmoid = torch.sigmoid(r.logits.float())
+    torch.testing.assert_close(r.probs(), sigmoid / sigmoid.sum(-1, keepdim=True))
+    # The native top-k weights sum to the scale, and so must every mode's combine weights.
+    torch.testing.assert_close(r.weights.sum(-1), torch.full((6,), 2.5))
+    full = torch.full((6,), 2.5)
+    torch.testing.assert_close(select_all(r).weights.sum(-1), full)
+    torch.testing.assert_close(select_ka(r, num_active=7, lam=0.5).weights.sum(-1), full)
+    torch.testing.assert_close(select_explore(r, eps=0.1).weights.sum(-1), full)

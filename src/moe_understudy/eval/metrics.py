@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_understudy.kd.losses import kl_from_log_probs, log_probs
 from moe_understudy.reduce import masked_mean
 
 
@@ -30,9 +31,7 @@ def perplexity(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor |
 
 def kl_per_token(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """(N,) KL(reference || other) in nats between the two next-token distributions at each position."""
-    ref = F.log_softmax(reference_logits.float(), dim=-1)
-    other = F.log_softmax(logits.float(), dim=-1)
-    return (ref.exp() * (ref - other)).sum(-1)
+    return kl_from_log_probs(log_probs(reference_logits), log_probs(logits))
 
 
 def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from moe_understudy.reduce import masked_mean
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) fp32 log-softmax of logits."""
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def _kl_from_log_probs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+def kl_from_log_probs(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """Per-position KL(a || b) = sum a (log a - log b); (..., V) -> (...). Zero-probability terms drop."""
     a = log_a.exp()
     return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
@@ -38,14 +39,14 @@ def forward_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """KL(p_teacher || q_student) per token, masked mean. logits: (..., V), mask: (...)."""
-    return masked_mean(_kl_from_log_probs(_log_probs(teacher_logits), _log_probs(student_logits)), mask)
+    return masked_mean(kl_from_log_probs(log_probs(teacher_logits), log_probs(student_logits)), mask)
 
 
 def reverse_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """KL(q_student || p_teacher) per token, masked mean. logits: (..., V), mask: (...)."""
-    return masked_mean(_kl_from_log_probs(_log_probs(student_logits), _log_probs(teacher_logits)), mask)
+    return masked_mean(kl_from_log_probs(log_probs(student_logits), log_probs(teacher_logits)), mask)
 
 
 def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -64,8 +65,8 @@ def skew_forward_kl(
     alpha: float = 0.1,
 ) -> torch.Tensor:
     """DistiLLM skew KL: KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL."""
-    log_p, log_q = _log_probs(teacher_logits), _log_probs(student_logits)
-    return masked_mean(_kl_from_log_probs(log_p, _log_mix(log_p, log_q, alpha)), mask)
+    log_p, log_q = log_probs(teacher_logits), log_probs(student_logits)
+    return masked_mean(kl_from_log_probs(log_p, _log_mix(log_p, log_q, alpha)), mask)
 
 
 def skew_reverse_kl(
@@ -75,8 +76,8 @@ def skew_reverse_kl(
     alpha: float = 0.1,
 ) -> torch.Tensor:
     """DistiLLM skew reverse KL: KL(q || alpha q + (1 - alpha) p); alpha = 0 is reverse KL."""
-    log_p, log_q = _log_probs(teacher_logits), _log_probs(student_logits)
-    return masked_mean(_kl_from_log_probs(log_q, _log_mix(log_q, log_p, alpha)), mask)
+    log_p, log_q = log_probs(teacher_logits), log_probs(student_logits)
+    return masked_mean(kl_from_log_probs(log_q, _log_mix(log_q, log_p, alpha)), mask)
 
 
 DIVERGENCES = {
@@ -114,7 +115,7 @@ def router_kl(
 
 def router_entropy(router_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean per-token entropy (nats) of the router softmax; logits (T, E), mask (T,)."""
-    log_p = _log_probs(router_logits)
+    log_p = log_probs(router_logits)
     return masked_mean(-(log_p.exp() * log_p).sum(-1), mask)
 
 
@@ -122,7 +123,7 @@ def entropy_floor_penalty(
     router_logits: torch.Tensor, floor: float, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean of relu(floor - H_t)^2 over tokens: penalises only routers more concentrated than `floor` nats."""
-    log_p = _log_probs(router_logits)
+    log_p = log_probs(router_logits)
     h = -(log_p.exp() * log_p).sum(-1)
     return masked_mean(torch.relu(floor - h) ** 2, mask)
 

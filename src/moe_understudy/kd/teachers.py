@@ -62,32 +62,40 @@ def select_native(r: Routing) -> Selection:
     )
 
 
+def _renormalised(probs: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """(T, n) combine weights: router probabilities of the chosen experts summing to `scale`.
+
+    For a softmax router this equals the softmax over the chosen logits (all others masked); the
+    scale keeps DeepSeek-V3's routed_scaling_factor, which its experts were trained under.
+    """
+    chosen = probs.gather(-1, indices)
+    return scale * chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-9)
+
+
 def select_all(r: Routing) -> Selection:
-    """All N experts, weighted by the full router softmax: indices (T, N), weights (T, N)."""
+    """All N experts, weighted by the full router distribution (times the family's scale): (T, N)."""
     t, n = r.logits.shape
     indices = torch.arange(n, device=r.logits.device).expand(t, n)
     explored = torch.zeros(t, dtype=torch.bool, device=r.logits.device)
-    return Selection(indices, r.probs(), explored)
+    return Selection(indices, r.scale * r.probs(), explored)
 
 
 def select_ka(r: Routing, num_active: int, lam: float, generator: torch.Generator | None = None) -> Selection:
     """KA: `num_active` experts per token, sampled from p with probability `lam`, else the top ones.
 
-    indices (T, n); weights = softmax of the chosen logits (T, n); explored (T,) the sampled tokens.
+    indices (T, n); weights = p over the chosen experts, renormalised (for a softmax router, the
+    softmax of the chosen logits) (T, n); explored (T,) the sampled tokens.
     """
-    logits = r.logits.float()
-    t, n_exp = logits.shape
+    probs = r.probs()  # (T, N)
+    t, n_exp = probs.shape
     if not 0 < num_active <= n_exp:
         raise ValueError(f"KA needs 0 < num_active <= {n_exp} experts, got {num_active}.")
-    top = logits.topk(num_active, dim=-1).indices  # (T, n)
+    top = r.logits.float().topk(num_active, dim=-1).indices  # (T, n)
     with torch.no_grad():
-        explored = torch.rand(t, generator=generator, device=logits.device) < lam  # (T,)
-        sampled = torch.multinomial(
-            torch.softmax(logits, -1), num_active, replacement=False, generator=generator
-        )
+        explored = torch.rand(t, generator=generator, device=probs.device) < lam  # (T,)
+        sampled = torch.multinomial(probs, num_active, replacement=False, generator=generator)
     indices = torch.where(explored[:, None], sampled, top)
-    weights = torch.softmax(logits.gather(-1, indices), dim=-1)
-    return Selection(indices, weights, explored)
+    return Selection(indices, _renormalised(probs, indices, r.scale), explored)
 
 
 def select_explore(r: Routing, eps: float, generator: torch.Generator | None = None) -> Selection:
@@ -100,10 +108,8 @@ def select_explore(r: Routing, eps: float, generator: torch.Generator | None = N
     with torch.no_grad():
         perturbed = (1.0 - eps) * probs + eps / probs.shape[-1]
         indices = torch.multinomial(perturbed, k, replacement=False, generator=generator)  # (T, k)
-    chosen = probs.gather(-1, indices)
-    weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-9)
     explored = torch.ones(indices.shape[0], dtype=torch.bool, device=indices.device)
-    return Selection(indices, weights, explored)
+    return Selection(indices, _renormalised(probs, indices, r.scale), explored)
 
 
 # ---- recording and execution -----------------------------------------------------------------

@@ -51,11 +51,15 @@ class Routing:
     logits:  (T, E) router logits as the router produced them
     weights: (T, k) combine weights of the chosen experts (the family's own normalisation)
     indices: (T, k) chosen expert ids, column 0 the router's first choice where the family sorts
+    scores:  how the family turns logits into expert scores, "softmax" or "sigmoid" (DeepSeek-V3)
+    scale:   factor the family applies to combine weights (DeepSeek-V3's routed_scaling_factor)
     """
 
     logits: torch.Tensor
     weights: torch.Tensor
     indices: torch.Tensor
+    scores: str = "softmax"
+    scale: float = 1.0
 
     @property
     def num_experts(self) -> int:
@@ -71,6 +75,9 @@ class Routing:
 
     def probs(self) -> torch.Tensor:
         """(T, E) fp32 router probabilities (softmax, or normalised sigmoid for DeepSeek-V3-style)."""
+        if self.scores == "sigmoid":
+            s = torch.sigmoid(self.logits.float())
+            return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
         return torch.softmax(self.logits.float(), dim=-1)
 
 
@@ -97,6 +104,9 @@ class MoELayer:
     def route(self, x: torch.Tensor) -> Routing:
         """x: (T, H) -> Routing over the layer's experts."""
         logits, weights, indices = self.block.gate(x)
+        if self.family == "deepseek_v3":
+            scale = float(self.block.gate.routed_scaling_factor)
+            return Routing(logits, weights, indices, scores="sigmoid", scale=scale)
         return Routing(logits=logits, weights=weights, indices=indices)
 
     def experts(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

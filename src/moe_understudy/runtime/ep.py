@@ -42,6 +42,7 @@ from torch import nn
 
 from moe_understudy.config import EPConfig, RuntimeConfig
 from moe_understudy.errors import UserError
+from moe_understudy.eval.metrics import next_token_view, token_nll
 from moe_understudy.moe.adapters import MoELayer, Routing, find_moe_layers
 from moe_understudy.runtime.layer import LoadAwareMoE
 from moe_understudy.runtime.placement import Placement, plan_placement
@@ -179,6 +180,8 @@ class ExpertParallelMoE(LoadAwareMoE):
             logits=rows[:, :E].to(routing.logits.dtype),
             weights=rows[:, E : E + k].to(routing.weights.dtype),
             indices=rows[:, E + k :].long(),
+            scores=routing.scores,
+            scale=routing.scale,
         )
         return glob, sum(counts[: self.rank]), counts
 
@@ -492,10 +495,7 @@ def _evaluate(
         recorder.step = step
         start = step * per_step + rank * blocks_per_rank
         ids = blocks[start : start + blocks_per_rank].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        nll[0] += nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        ).double()
+        nll[0] += token_nll(*next_token_view(model(input_ids=ids).logits, ids)).sum().double()
         nll[1] += ids[:, 1:].numel()
     wall = time.perf_counter() - t_start
     _collective("all_reduce(loss)", dist.all_reduce, nll)
