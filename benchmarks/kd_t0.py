@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,15 @@ DATA = ROOT.parent / "shared" / "data" / "t0_mix.jsonl.gz"
 NAME = "kd_t0"
 SEEDS = (10, 20, 30, 40, 50)
 KD_METHODS = ("kd", "gkd", "all", "ka", "sar")
+SPLITS = ("test_seen", "test_unseen")
+# Sampled over SEEDS (the EEM/MiniLLM protocol) and greedy (one decode; far less noisy for small models).
+COLUMNS = (*SPLITS, *(f"{k}_greedy" for k in SPLITS))
+LABELS = {
+    "test_seen": "seen",
+    "test_unseen": "unseen",
+    "test_seen_greedy": "seen, greedy",
+    "test_unseen_greedy": "unseen, greedy",
+}
 MAX_PROMPT_CHARS = 400  # short prompts keep the whole table within about an hour of shared CPU
 
 
@@ -280,55 +290,63 @@ def _load(path: Path) -> dict:
 def evaluate(rows: dict[str, Path], files: dict[str, Path], s: dict, run: Path, console: Console) -> dict:
     """ROUGE-L mean/std over seeds for each row on seen and unseen templates (cached per row)."""
     cache = _load(run / "scores.json")
-    tests = {k: load_instructions(files[k])[: s["test"]] for k in ("test_seen", "test_unseen")}
+    tests = {k: load_instructions(files[k])[: s["test"]] for k in SPLITS}
     for row, path in rows.items():
-        if row in cache:
+        # Entries from before per-example scores were kept are rescored (paired comparisons need them).
+        missing = [k for k in COLUMNS if "per_example" not in cache.get(row, {}).get(k, {})]
+        if not missing:
             continue
-        console.print(f"scoring {row}")
+        console.print(f"scoring {row}: {', '.join(missing)}")
         model, tokenizer = load_model_and_tokenizer(path)
-        cache[row] = {
-            split: rouge_over_seeds(
+        for key in missing:
+            split, greedy = key.removesuffix("_greedy"), key.endswith("_greedy")
+            cache.setdefault(row, {})[key] = rouge_over_seeds(
                 model,
                 tokenizer,
-                ex,
+                tests[split],
                 seeds=SEEDS,
+                greedy=greedy,
                 max_new_tokens=s["eval_new"],
                 max_prompt=s["max_prompt"],
                 batch_size=100,
             ).summary()
-            for split, ex in tests.items()
-        }
-        (run / "scores.json").write_text(json.dumps(cache, indent=2))
+            (run / "scores.json").write_text(json.dumps(cache, indent=2))
     return {row: cache[row] for row in rows}
 
 
+def paired_difference(a: dict, b: dict) -> tuple[float, float]:
+    """Mean ROUGE-L difference a - b over the same test examples and its 95% half-width (paired, normal)."""
+    diffs = [x - y for x, y in zip(a["per_example"], b["per_example"], strict=True)]
+    return statistics.fmean(diffs), 1.96 * statistics.pstdev(diffs) / math.sqrt(len(diffs))
+
+
 def verdict(scores: dict) -> list[str]:
-    """Plain sentences: do KA and SAR beat KD and GKD, by how much (in ROUGE-L points, vs seed std)."""
+    """Plain sentences: do KA and SAR beat KD and GKD, by how much, and is the gap beyond chance."""
     lines = []
-    for split in ("test_seen", "test_unseen"):
+    for split in COLUMNS:
         for new in ("KA", "SAR"):
             for base in ("KD", "GKD"):
-                a, b = scores[new][split], scores[base][split]
-                diff = a["mean"] - b["mean"]
-                noise = math.sqrt(a["std"] ** 2 + b["std"] ** 2)
+                diff, half = paired_difference(scores[new][split], scores[base][split])
                 word = "beats" if diff > 0.005 else "trails" if diff < -0.005 else "ties"
                 lines.append(
-                    f"{split.replace('test_', '')}: {new} {word} {base} by {abs(diff):.2f} ROUGE-L "
-                    f"({a['mean']:.2f} vs {b['mean']:.2f}; combined seed std {noise:.2f}"
-                    f"{', within seed noise' if abs(diff) <= noise else ''})."
+                    f"{LABELS[split]}: {new} {word} {base} by {abs(diff):.2f} ROUGE-L "
+                    f"({scores[new][split]['mean']:.2f} vs {scores[base][split]['mean']:.2f}; paired 95% "
+                    f"interval ±{half:.2f}, {'significant' if abs(diff) > half else 'not significant'})."
                 )
     teacher, student = scores["teacher SFT"], scores["student SFT"]
-    gaps = [teacher[k]["mean"] - student[k]["mean"] for k in ("test_seen", "test_unseen")]
+    gaps = {k: paired_difference(teacher[k], student[k]) for k in COLUMNS}
     lines.append(
-        f"Teacher SFT minus student SFT: {gaps[0]:+.2f} (seen) / {gaps[1]:+.2f} (unseen) ROUGE-L: "
+        "Teacher SFT minus student SFT: "
+        + ", ".join(f"{gap:+.2f} ± {half:.2f} ({LABELS[k]})" for k, (gap, half) in gaps.items())
+        + " ROUGE-L: "
         + (
-            "the teacher is stronger on both splits, so there is something to distil."
-            if min(gaps) > 0
-            else "the teacher is not stronger on every split, so gains from distillation are not expected."
+            "the teacher is significantly stronger everywhere, so there is something to distil."
+            if all(gap > half for gap, half in gaps.values())
+            else "the teacher is not significantly stronger everywhere, so distillation gains are not expected there."
         )
     )
     students = [r for r in scores if r != "teacher SFT"]
-    best = max(max(scores[r][k]["mean"] for k in ("test_seen", "test_unseen")) for r in students)
+    best = max(max(scores[r][k]["mean"] for k in SPLITS) for r in students)
     teacher = scores["teacher SFT"]
     lines.append(
         f"Best student score {best:.2f} vs teacher {teacher['test_seen']['mean']:.2f} (seen) / "
@@ -351,20 +369,18 @@ def plot(scores: dict, path: Path) -> None:
     names = list(scores)
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(10, 4))
-    for off, split, label in (
-        (-0.2, "test_seen", "seen templates"),
-        (0.2, "test_unseen", "unseen templates"),
-    ):
+    width = 0.8 / len(COLUMNS)
+    for j, split in enumerate(COLUMNS):
         ax.bar(
-            [i + off for i in x],
+            [i - 0.4 + (j + 0.5) * width for i in x],
             [scores[n][split]["mean"] for n in names],
-            0.4,
+            width,
             yerr=[scores[n][split]["std"] for n in names],
-            label=label,
+            label=LABELS[split],
             capsize=3,
         )
     ax.set_xticks(list(x), names, rotation=20, ha="right")
-    ax.set_ylabel("ROUGE-L F1 x100 (mean ± std over 5 seeds)")
+    ax.set_ylabel("ROUGE-L F1 x100 (sampled: mean ± std over 5 seeds)")
     ax.set_title("MoE -> student distillation on the T0 mix")
     ax.legend()
     fig.tight_layout()
@@ -421,11 +437,16 @@ def main() -> int:
     scores = evaluate(rows, files, s, run, console)
 
     table = Table(title="ROUGE-L F1 x100 on T0 templates (mean ± std over seeds 10-50)")
-    for col in ("method", "seen", "unseen"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    table.add_column("method")
+    for key in COLUMNS:
+        table.add_column(LABELS[key], justify="right")
     for row, sc in scores.items():
         table.add_row(
-            row, *(f"{sc[k]['mean']:.2f} ± {sc[k]['std']:.2f}" for k in ("test_seen", "test_unseen"))
+            row,
+            *(
+                f"{sc[k]['mean']:.2f}" + ("" if k.endswith("_greedy") else f" ± {sc[k]['std']:.2f}")
+                for k in COLUMNS
+            ),
         )
     console.print(table)
     lines = verdict(scores)

@@ -39,3 +39,11 @@ def test_seed_scores_average_per_task_and_spread_over_seeds():
     assert s["per_seed"] == pytest.approx([50.0, 100.0])
     assert s["mean"] == pytest.approx(75.0) and s["std"] == pytest.approx(25.0)
     assert s["tasks"]["a"]["mean"] == pytest.approx(75.0) and s["tasks"]["b"]["std"] == pytest.approx(25.0)
+
+
+def test_seed_scores_keep_each_examples_score_averaged_over_seeds():
+    examples = [Example("p", "r"), Example("q", "r")]
+    scores = SeedScores()
+    scores.add([100.0, 0.0], examples)
+    scores.add([50.0, 20.0], examples)
+    assert scores.summary()["per_example"] == pytest.approx([75.0, 10.0])

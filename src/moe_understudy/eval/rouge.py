@@ -41,13 +41,15 @@ def score_examples(predictions: Sequence[str], examples: Sequence[Example]) -> l
 
 @dataclass
 class SeedScores:
-    """Mean ROUGE-L per seed, overall and per task, for one dataset."""
+    """Mean ROUGE-L per seed, overall and per task, and each example's scores, for one dataset."""
 
     overall: list[float] = field(default_factory=list)  # one per seed
     by_task: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    by_seed: list[list[float]] = field(default_factory=list)  # per seed, one score per example
 
     def add(self, scores: Sequence[float], examples: Sequence[Example]) -> None:
         self.overall.append(_mean(scores))
+        self.by_seed.append(list(scores))
         per_task: dict[str, list[float]] = defaultdict(list)
         for s, e in zip(scores, examples, strict=True):
             per_task[e.task or "-"].append(s)
@@ -60,6 +62,8 @@ class SeedScores:
             "std": _std(self.overall),
             "per_seed": self.overall,
             "tasks": {t: {"mean": _mean(v), "std": _std(v)} for t, v in sorted(self.by_task.items())},
+            # Each example's score averaged over seeds: what paired comparisons between models need.
+            "per_example": [_mean(col) for col in zip(*self.by_seed, strict=True)],
         }
 
 
