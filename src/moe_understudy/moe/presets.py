@@ -13,39 +13,32 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 # Each preset: (model_type, keyword overrides). `vocab_size` and `max_position_embeddings` come
 # from the tokenizer and block size at build time.
+# Default teacher (Mixtral-style): 8 experts of 256, top-2.
+_MIXTRAL: dict[str, Any] = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    router_aux_loss_coef=0.01,
+    output_router_logits=True,
+    tie_word_embeddings=True,
+)
 _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    # Default teacher (Mixtral-style): 8 experts of 256, top-2.
-    "mixtral": (
-        "mixtral",
-        dict(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            router_aux_loss_coef=0.01,
-            output_router_logits=True,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "mixtral": ("mixtral", _MIXTRAL),
     # Larger Mixtral-style teacher for whole-model distillation, about 4x the active size of
     # `llama-student` (EEM distils a 3.5B-active MoE into a 1.3B dense model).
     "mixtral-large": (
         "mixtral",
-        dict(
-            hidden_size=192,
-            intermediate_size=384,
-            num_hidden_layers=6,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            num_local_experts=8,
-            num_experts_per_tok=2,
-            router_aux_loss_coef=0.01,
-            output_router_logits=True,
-            tie_word_embeddings=True,
-        ),
+        {
+            **_MIXTRAL,
+            "hidden_size": 192,
+            "intermediate_size": 384,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 6,
+        },
     ),
     # Qwen3-MoE-style teacher: same budget, normalised top-k, per-head q/k norms.
     "qwen3_moe": (
