@@ -349,6 +349,12 @@ def distill(
         float | None,
         typer.Option(help="Weight of a last-hidden-state matching term added to the KL (default 1.0)."),
     ] = None,
+    e2e_checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            help="Save a resumable end-to-end checkpoint every this many steps (default 100; 0 = never)."
+        ),
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -364,7 +370,7 @@ def distill(
         bool,
         typer.Option(
             "--resume",
-            help="Continue a run in --out: finished layers (and a finished end-to-end stage) are kept.",
+            help="Continue a run in --out: finished layers are kept, the end-to-end stage continues from its last checkpoint (or is kept if finished).",
         ),
     ] = False,
     config: Annotated[
@@ -392,6 +398,7 @@ def distill(
             fraction_max=e2e_fraction_max,
             direction=e2e_direction,
             hidden_weight=e2e_hidden_weight,
+            checkpoint_every=e2e_checkpoint_every,
         ),
     )
     cfg = base.replace(

@@ -302,11 +302,14 @@ class EndToEndConfig(StageConfig):
     direction: str = "forward"  # KL direction: forward = KL(teacher||model), reverse = KL(model||teacher)
     hidden_weight: float = 1.0  # weight of a relative last-hidden-state matching term (0 = KL only)
     eval_blocks: int = 32  # held-out blocks for the before/after check
+    checkpoint_every: int = 100  # steps between resumable checkpoints (0 = none)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.blocks <= 0 or self.batch_size <= 0 or self.eval_blocks <= 0:
             raise ValueError("steps must be >= 0 and blocks, batch_size, eval_blocks positive.")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be >= 0 (0 = no checkpoints).")
         if not 0.0 <= self.fraction_min <= self.fraction_max <= 1.0:
             raise ValueError("need 0 <= fraction_min <= fraction_max <= 1.")
         if self.direction not in ("forward", "reverse"):

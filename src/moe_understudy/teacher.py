@@ -35,6 +35,7 @@ from moe_understudy.config import TeacherConfig
 from moe_understudy.data import get_tokenizer, load_corpus, pack_blocks
 from moe_understudy.errors import UserError
 from moe_understudy.eval.metrics import next_token_view, token_nll
+from moe_understudy.files import atomic_torch_save
 from moe_understudy.inspect_routing import routing_load
 from moe_understudy.moe.presets import build_model, preset_config
 
@@ -103,18 +104,12 @@ def _prepare_data(cfg: TeacherConfig, out_dir: Path, console: Console):
         val = pack_blocks(
             corpus.val, tokenizer, cfg.data.block_size, max_blocks=cfg.eval_batches * cfg.batch_size
         )
-    _atomic_torch_save({"train": train, "val": val}, cache)
+    atomic_torch_save({"train": train, "val": val}, cache)
     console.print(
         f"corpus [bold]{corpus.name}[/]: {len(corpus.train)} train / {len(corpus.val)} val documents, "
         f"{train.numel():,} train tokens, {val.numel():,} val tokens"
     )
     return tokenizer, train, val
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _save_checkpoint(

@@ -147,6 +147,66 @@ def test_end_to_end_with_reverse_kl_and_hidden_term_also_reduces_its_kl():
     assert result.kl_after < 0.7 * result.kl_before
 
 
+def _e2e_setup():
+    model = build_model(tiny_config("mixtral", num_layers=2), seed=0)
+    understudies = {
+        ly.index: build_understudy("dense", ly, seed=0, intermediate=16) for ly in find_moe_layers(model)
+    }
+    blocks = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(0))
+    # Half substitution: the per-layer draws are state the checkpoint must carry too.
+    cfg = EndToEndConfig(
+        steps=20, blocks=8, batch_size=4, lr=3e-3, warmup=3, fraction_min=0.3, fraction_max=0.7,
+        eval_blocks=4, checkpoint_every=5,
+    )  # fmt: skip
+    return model, understudies, blocks, cfg
+
+
+def test_interrupted_end_to_end_resumes_from_its_checkpoint_to_the_same_understudies(tmp_path, monkeypatch):
+    import moe_understudy.understudy.e2e as e2e_mod
+
+    model, straight, blocks, cfg = _e2e_setup()
+    train_end_to_end(model, straight, blocks, cfg)
+
+    model, resumed, blocks, cfg = _e2e_setup()
+    ckpt = tmp_path / "e2e.pt"
+    real_lr = e2e_mod.cosine_lr
+
+    def crash_at_step_13(step, *args):
+        if step == 13:
+            raise KeyboardInterrupt
+        return real_lr(step, *args)
+
+    monkeypatch.setattr(e2e_mod, "cosine_lr", crash_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        train_end_to_end(model, resumed, blocks, cfg, checkpoint=ckpt)
+    monkeypatch.setattr(e2e_mod, "cosine_lr", real_lr)
+    assert torch.load(ckpt, weights_only=False)["step"] == 10  # the last checkpoint before the crash
+
+    model, resumed, blocks, cfg = _e2e_setup()  # a fresh process: understudies at their initial weights
+    result = train_end_to_end(model, resumed, blocks, cfg, checkpoint=ckpt)
+    assert not ckpt.exists()  # removed once the stage ends
+    assert [s for s, _ in result.history] == list(range(1, 21))
+    for k in straight:
+        for a, b in zip(straight[k].state_dict().values(), resumed[k].state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_end_to_end_refuses_a_checkpoint_from_other_settings_and_stops_on_nan(tmp_path, monkeypatch):
+    import moe_understudy.understudy.e2e as e2e_mod
+    from moe_understudy.errors import UserError
+
+    model, understudies, blocks, cfg = _e2e_setup()
+    ckpt = tmp_path / "e2e.pt"
+    torch.save({"config": cfg.replace(lr=1.0).to_dict()}, ckpt)
+    with pytest.raises(UserError, match="other settings"):
+        train_end_to_end(model, understudies, blocks, cfg, checkpoint=ckpt)
+    ckpt.unlink()
+
+    monkeypatch.setattr(e2e_mod, "_step_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(UserError, match="became nan at step 1; lower --e2e-lr"):
+        train_end_to_end(model, understudies, blocks, cfg, checkpoint=ckpt)
+
+
 def test_joint_loss_trains_understudies_only_and_leaves_model_gradients_alone(tiny_model):
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
     tiny_model.zero_grad()

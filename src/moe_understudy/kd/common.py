@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from moe_understudy.data.instructions import Example, load_instructions, shuffle
 from moe_understudy.data.packing import IGNORE_INDEX, collate_instructions, encode_instruction
 from moe_understudy.errors import UserError
 from moe_understudy.eval.rouge import rouge_over_seeds
+from moe_understudy.files import atomic_torch_save
 
 CHECKPOINT_DIR = "checkpoint"  # resumable training state inside the run folder
 STATE_FILE = "state.pt"
@@ -139,12 +139,6 @@ def _fmt_terms(terms: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in terms.items())
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class InstructionRecipe:
     """Shared skeleton of the SFT and KD recipes (see the module docstring)."""
 
@@ -227,7 +221,7 @@ class InstructionRecipe:
             "rng": torch.random.get_rng_state(),
             "extra": self._extra_state(),
         }
-        _atomic_save(state, path / STATE_FILE)
+        atomic_torch_save(state, path / STATE_FILE)
 
     def _save_best(self) -> None:
         self.model.save_pretrained(str(self.out_dir), safe_serialization=True)

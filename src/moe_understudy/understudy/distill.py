@@ -6,7 +6,9 @@ Output folder:
   layerwise/config.json + understudies.safetensors the layer-wise set (kept after end-to-end)
   config.json + understudies.safetensors           the final set (end-to-end when it ran)
   report.json                  per-layer held-out error, cost, perplexities and KL before/after
-A rerun with `resume` skips layers whose marker exists and reuses a finished end-to-end stage.
+  e2e_checkpoint.pt            end-to-end state every `checkpoint_every` steps (removed when it ends)
+A rerun with `resume` skips layers whose marker exists, continues an interrupted end-to-end stage
+from its checkpoint and reuses a finished one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from moe_understudy.understudy.io import load_understudies, save_understudies
 from moe_understudy.understudy.layerwise import fit_layer
 from moe_understudy.understudy.modules import build_understudy, cost_ratio
 from moe_understudy.understudy.replace import substituted
+
+E2E_CHECKPOINT = "e2e_checkpoint.pt"
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,15 @@ def run_distill(cfg: DistillConfig, resume: bool = False, console: Console | Non
         report["e2e"] = json.loads(e2e_done.read_text())
     elif e2e.steps > 0:
         train_blocks = spread_blocks(corpus.train, tokenizer, S, e2e.blocks, seed=e2e.seed, oversample=4)
-        res = train_end_to_end(model, understudies, train_blocks, e2e, val_blocks=val_blocks, console=console)
+        res = train_end_to_end(
+            model,
+            understudies,
+            train_blocks,
+            e2e,
+            val_blocks=val_blocks,
+            console=console,
+            checkpoint=out / E2E_CHECKPOINT,
+        )
         report["e2e"] = {
             "kl_before": round(res.kl_before, 5),
             "kl_after": round(res.kl_after, 5),

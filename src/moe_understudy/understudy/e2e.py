@@ -2,7 +2,10 @@
 
 Each step substitutes the understudy for a random fraction of tokens in every MoE layer (drawn per
 step from [fraction_min, fraction_max]) and minimises KL between the substituted model's and the
-full model's next-token distributions. Only understudy parameters change.
+full model's next-token distributions. Only understudy parameters change. With a `checkpoint`
+path the stage saves its whole state (understudies, optimiser, every RNG, step) every
+`checkpoint_every` steps and continues from it when started again, ending with the same weights
+as an unbroken run.
 
 Why this beats the layer-wise fit when done right: layer-wise training sees only the teacher's
 own layer inputs, but with understudies upstream a layer's inputs drift and errors compound;
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -29,6 +33,8 @@ from rich.progress import (
 from torch import nn
 
 from moe_understudy.config import EndToEndConfig
+from moe_understudy.errors import UserError
+from moe_understudy.files import atomic_torch_save
 from moe_understudy.understudy.layerwise import cosine_lr
 from moe_understudy.understudy.losses import kl_loss, relative_loss
 from moe_understudy.understudy.replace import substituted
@@ -123,12 +129,14 @@ def train_end_to_end(
     cfg: EndToEndConfig,
     val_blocks: torch.Tensor | None = None,
     console: Console | None = None,
+    checkpoint: Path | None = None,
 ) -> EndToEndResult:
     """Train `understudies` in place through the frozen `model` on `train_blocks` (N, S).
 
     The model's parameters are frozen for the duration and restored to their previous
     `requires_grad` afterwards. `val_blocks` (default: the first training blocks) measure the
-    full-replacement KL before and after.
+    full-replacement KL before and after. A `checkpoint` file, when it exists, is resumed from
+    (it must come from the same understudies and settings); it is deleted once the stage ends.
     """
     device = next(model.parameters()).device
     blocks = train_blocks[: cfg.blocks]
@@ -140,7 +148,12 @@ def train_end_to_end(
     model.eval()
     params = [p for m in understudies.values() for p in m.parameters()]
     try:
-        kl_before = replacement_kl(model, understudies, check, direction=cfg.direction, seed=cfg.seed)
+        saved = _load_checkpoint(checkpoint, cfg)
+        kl_before = (
+            saved["kl_before"]
+            if saved
+            else replacement_kl(model, understudies, check, direction=cfg.direction, seed=cfg.seed)
+        )
         want_hidden = cfg.hidden_weight > 0
         cached = (
             teacher_targets(model, blocks, cfg.batch_size, hidden=want_hidden) if cfg.cache_teacher else None
@@ -148,7 +161,13 @@ def train_end_to_end(
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
         gen = torch.Generator().manual_seed(cfg.seed)
         history: list[tuple[int, float]] = []
-        running, seen = 0.0, 0
+        running, seen, start = 0.0, 0, 0
+        if saved:
+            for k, m in understudies.items():
+                m.load_state_dict(saved["understudies"][k])
+            opt.load_state_dict(saved["optimizer"])
+            gen.set_state(saved["generator"])
+            history, (running, seen), start = saved["history"], saved["running"], saved["step"]
         for m in understudies.values():
             m.train()
         progress = Progress(
@@ -162,9 +181,12 @@ def train_end_to_end(
             disable=console is None,
         )
         with progress, substituted(model, understudies, seed=cfg.seed) as wrappers:
-            task = progress.add_task("", total=cfg.steps, loss=math.nan)
+            task = progress.add_task("", total=cfg.steps, completed=start, loss=math.nan)
+            if saved:
+                for w, state in zip(wrappers, saved["substitution_rng"], strict=True):
+                    w.set_rng_state(state, device)
             log_every = max(1, cfg.steps // 20)
-            for step in range(cfg.steps):
+            for step in range(start, cfg.steps):
                 fraction = (
                     cfg.fraction_min
                     + (cfg.fraction_max - cfg.fraction_min) * torch.rand((), generator=gen).item()
@@ -181,6 +203,11 @@ def train_end_to_end(
                 for w in wrappers:
                     w.fraction = fraction
                 loss = _step_loss(model, ids, target_logp, target_hidden, cfg)
+                if not torch.isfinite(loss):
+                    raise UserError(
+                        f"End-to-end loss became {loss.item()} at step {step + 1}; lower --e2e-lr and "
+                        + (f"rerun: {checkpoint} keeps the last good state." if checkpoint else "rerun.")
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -191,6 +218,27 @@ def train_end_to_end(
                     progress.update(task, loss=running / seen)
                     running, seen = 0.0, 0
                 progress.advance(task)
+                done = step + 1
+                if (
+                    checkpoint
+                    and cfg.checkpoint_every
+                    and done % cfg.checkpoint_every == 0
+                    and done < cfg.steps
+                ):
+                    atomic_torch_save(
+                        {
+                            "config": cfg.to_dict(),
+                            "step": done,
+                            "kl_before": kl_before,
+                            "understudies": {k: m.state_dict() for k, m in understudies.items()},
+                            "optimizer": opt.state_dict(),
+                            "generator": gen.get_state(),
+                            "substitution_rng": [w.rng_state() for w in wrappers],
+                            "history": history,
+                            "running": (running, seen),
+                        },
+                        checkpoint,
+                    )
         for m in understudies.values():
             m.eval()
         kl_after = replacement_kl(model, understudies, check, direction=cfg.direction, seed=cfg.seed)
@@ -198,4 +246,19 @@ def train_end_to_end(
         for p, flag in frozen.items():
             p.requires_grad_(flag)
         model.train(was_training)
+    if checkpoint:
+        Path(checkpoint).unlink(missing_ok=True)
     return EndToEndResult(kl_before=kl_before, kl_after=kl_after, steps=cfg.steps, history=history)
+
+
+def _load_checkpoint(path: Path | None, cfg: EndToEndConfig) -> dict | None:
+    """The saved end-to-end state at `path`, or None; refuses one written under other settings."""
+    if path is None or not Path(path).exists():
+        return None
+    saved = torch.load(path, weights_only=False)
+    if saved["config"] != cfg.to_dict():
+        raise UserError(
+            f"{path} was written by an end-to-end stage with other settings; "
+            "rerun with the same options or delete it to start that stage again."
+        )
+    return saved

@@ -41,6 +41,18 @@ class SubstitutedMoE(nn.Module):
             self._generator = torch.Generator(device=device).manual_seed(self.seed)
         return torch.rand(shape, generator=self._generator, device=device) < self.fraction
 
+    def rng_state(self) -> torch.Tensor | None:
+        """State of the substitution draws (None before the first draw), for checkpoints."""
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor | None, device: torch.device) -> None:
+        """Continue the substitution draws from a `rng_state()` taken earlier."""
+        if state is None:
+            self._generator = None
+            return
+        self._generator = torch.Generator(device=device)
+        self._generator.set_state(state)
+
     def routed(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, H) -> (T, H) routed output with the substitution applied."""
         if isinstance(self.understudy, Shadows):
