@@ -807,6 +807,12 @@ def ep_evaluate(
     priority: Annotated[
         str | None, typer.Option(help="Which assignments overflow first: position or score.")
     ] = None,
+    capacity_scope: Annotated[
+        str | None,
+        typer.Option(
+            help="expert: capacity per expert; rank: ceil(cf * tokens * k / ranks) per rank over all its experts, which evens out rank load (not with --placement replicate)."
+        ),
+    ] = None,
     placement: Annotated[
         str | None,
         typer.Option(
@@ -849,6 +855,7 @@ def ep_evaluate(
                 policies=_split(policies, str, "policies"),
                 capacities=_split(capacities, float, "capacity factors"),
                 priority=priority,
+                capacity_scope=capacity_scope,
                 placement=placement,
                 extra_slots=extra_slots,
                 max_blocks=max_blocks,

@@ -359,12 +359,19 @@ class DistillConfig(StageConfig):
 
 
 # ---- runtime ----
+CAPACITY_SCOPES = ("expert", "rank")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig(StageConfig):
     """How the load-aware MoE runtime treats overflow (`runtime.patch`)."""
 
     policy: str = "full"  # one of runtime.policies.POLICIES
     capacity_factor: float = 1.0  # per-expert capacity = ceil(cf * tokens * k / E), per layer and step
+    capacity_scope: str = (
+        "expert"  # expert | rank: with rank (expert parallelism), ceil(cf * tokens * k / ranks)
+    )
+    # per rank over all its experts, so a cold expert's room absorbs a hot neighbour's overflow
     priority: str = "position"  # which assignments overflow first: position (arrival) | score (lowest weight)
     readmit: bool = True  # understudy: offer capacity freed by understudy tokens back to tokens that fit
     threshold: float | None = (
@@ -385,6 +392,8 @@ class RuntimeConfig(StageConfig):
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}.")
+        if self.capacity_scope not in CAPACITY_SCOPES:
+            raise ValueError(f"capacity_scope must be expert or rank; got {self.capacity_scope!r}.")
         if self.threshold is not None and self.threshold < 1.0:
             raise ValueError(
                 f"threshold is a max/mean load ratio and must be at least 1, got {self.threshold}."
@@ -470,6 +479,7 @@ class EPConfig(StageConfig):
         1.0,
     )  # capacity factors for every policy but full: ceil(cf * global tokens * k / E)
     priority: str = "position"  # position | score
+    capacity_scope: str = "expert"  # expert | rank: capacity per expert, or per rank over all its experts
     placement: str = (
         "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file
     )
@@ -493,6 +503,12 @@ class EPConfig(StageConfig):
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
         if not self.capacities or any(c <= 0 for c in self.capacities):
             raise ValueError(f"capacities must be positive numbers, got {list(self.capacities)}.")
+        if self.capacity_scope not in CAPACITY_SCOPES:
+            raise ValueError(f"capacity_scope must be expert or rank; got {self.capacity_scope!r}.")
+        if self.capacity_scope == "rank" and self.placement == "replicate":
+            raise ValueError(
+                "capacity_scope rank needs one rank per expert; it cannot be used with placement replicate."
+            )
         if self.extra_slots < 0 or self.max_blocks <= 0 or self.blocks_per_rank <= 0 or self.timeout_s <= 0:
             raise ValueError("extra_slots must be >= 0; max_blocks, blocks_per_rank and timeout_s positive.")
         if self.backend not in ("auto", "gloo", "nccl"):

@@ -20,7 +20,7 @@ from moe_understudy.config import EPConfig, RuntimeConfig
 from moe_understudy.moe.adapters import find_moe_layers
 from moe_understudy.moe.presets import TINY_FAMILIES, build_model, preset_config, tiny_config
 from moe_understudy.runtime.ep import EPRecorder, PeerFailure, patch_ep, sweep_runs
-from moe_understudy.runtime.layer import patch, unpatch
+from moe_understudy.runtime.layer import LoadAwareMoE, patch, unpatch
 from moe_understudy.runtime.placement import plan_placement, replicate_hot_experts
 from moe_understudy.understudy.modules import build_understudy
 
@@ -58,7 +58,7 @@ def _model(family):
     return build_model(tiny_config(family), seed=0), 97
 
 
-def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir, family=None):
+def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir, family=None, scope="expert"):
 
     _join(rank, world, port)
     passed = []  # (bytes of the input tensor, input splits) of every all_to_all_single call
@@ -78,11 +78,16 @@ def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir, fa
     else:
         moe = find_moe_layers(model)
         placement = plan_placement(len(moe), moe[0].num_experts, world)
+    if scope == "rank":
+        # One process has no ranks: give its layers the placement's expert -> rank map by hand.
+        E = find_moe_layers(model)[0].num_experts
+        ranks = torch.tensor([int(placement.slots_of(0, e)[0]) // placement.slots_per_rank for e in range(E)])
+        LoadAwareMoE.capacity_groups = lambda self: ranks
     result = {}
     for policy in policies:
         stand_ins = _stand_ins(model, policy)
         with torch.no_grad():
-            patch(model, stand_ins, policy=policy, capacity_factor=0.5)
+            patch(model, stand_ins, policy=policy, capacity_factor=0.5, capacity_scope=scope)
             ref = model(input_ids=ids).logits[mine]
             unpatch(model)
             recorder = EPRecorder(rank, world)
@@ -90,7 +95,7 @@ def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir, fa
                 model,
                 placement,
                 stand_ins,
-                RuntimeConfig(policy=policy, capacity_factor=0.5),
+                RuntimeConfig(policy=policy, capacity_factor=0.5, capacity_scope=scope),
                 recorder,
                 keep_all_experts=True,
             )
@@ -106,10 +111,10 @@ def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir, fa
     dist.destroy_process_group()
 
 
-def _run(world, policies, placement_kind, tmp_path, family=None):
+def _run(world, policies, placement_kind, tmp_path, family=None, scope="expert"):
     mp.start_processes(
         _equivalence_worker,
-        args=(world, free_port(), policies, placement_kind, tmp_path, family),
+        args=(world, free_port(), policies, placement_kind, tmp_path, family, scope),
         nprocs=world,
         start_method="fork",
     )
@@ -134,6 +139,16 @@ def test_four_rank_ep_with_replicated_hot_experts_equals_one_process(tmp_path):
             assert rank[policy]["max_diff"] < 1e-5
     loads = [sum(r["rank_load"] for r in rank["full"]["records"]) for rank in ranks]
     assert min(loads) > 0  # every rank computed expert work
+
+
+def test_rank_capacity_under_ep_equals_one_process_and_caps_every_rank(tmp_path):
+    policies = ("drop", "understudy", "reroute", "shadow")
+    for rank in _run(2, policies, "contiguous", tmp_path, scope="rank"):
+        for policy in policies:
+            assert rank[policy]["max_diff"] < 1e-5, policy
+            for rec in rank[policy]["records"]:
+                # capacity per rank = ceil(0.5 * 64 tokens * k 2 / 2 ranks) = 32 expert rows
+                assert rec["rank_load"] <= 32, (policy, rec)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "olmoe", "qwen3_moe"])

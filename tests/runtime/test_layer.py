@@ -224,3 +224,9 @@ def test_configure_switches_policy_between_steps(ids):
     torch.testing.assert_close(model(input_ids=ids).logits, ref, atol=1e-5, rtol=0)
     handle.configure(policy="drop")
     torch.testing.assert_close(model(input_ids=ids).logits, dropped, atol=0, rtol=0)
+
+
+def test_capacity_per_rank_in_one_process_is_refused_with_a_pointer_to_expert_parallelism():
+    model = tiny_model("mixtral")
+    with patch(model, policy="drop", capacity_scope="rank"), pytest.raises(UserError, match="--ep N"):
+        model(input_ids=make_ids())

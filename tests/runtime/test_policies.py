@@ -185,3 +185,47 @@ def test_unknown_policy_and_priority_are_rejected():
         plan_routing(r, "teleport", 4)
     with pytest.raises(ValueError, match="priority"):
         plan_routing(r, "drop", 4, priority="random")
+
+
+# --- capacity per group (rank) of experts ---------------------------------------------------------
+
+RANKS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])  # 8 experts, 2 per rank, contiguous
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_one_expert_per_group_plans_exactly_as_per_expert_capacity(policy):
+    for seed in range(3):
+        r = random_routing(seed)
+        a = plan_routing(r, policy, 12, "score")
+        b = plan_routing(r, policy, 12, "score", groups=torch.arange(8))
+        for field in ("indices", "weights", "expert_served", "shadow_served", "dropped", "understudy_tokens"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+@pytest.mark.parametrize("policy", ["drop", "reroute", "understudy", "shadow", "deadline"])
+@pytest.mark.parametrize("cf", [0.5, 0.75, 1.0])
+def test_no_group_exceeds_its_capacity_and_every_assignment_keeps_one_fate(policy, cf):
+    for seed in range(3):
+        r = random_routing(seed, skew=3.0)
+        cap = expert_capacity(64, 2, 4, cf)  # per rank: ceil(cf * T * k / ranks)
+        plan = plan_routing(r, policy, cap, groups=RANKS)
+        per_rank = torch.zeros(4, dtype=torch.long).index_add_(0, RANKS, plan.served_per_expert(8))
+        assert int(per_rank.max()) <= cap
+        fates = plan.expert_served.int() + plan.shadow_served.int() + plan.dropped.int()
+        assert ((fates + plan.understudy_served().int()) == 1).all()
+
+
+def test_rank_capacity_lets_a_cold_expert_lend_its_room_to_its_hot_neighbour():
+    # Rank 0 holds expert 0 (hot: 6 assignments) and expert 1 (cold: 2); other ranks are idle.
+    # Per expert (capacity 4 each) expert 0 overflows by 2; per rank (capacity 8) nothing does.
+    r = fixed([[0, 1]] * 2 + [[0, 2]] * 4, [[0.6, 0.4]] * 6, num_experts=8)
+    assert plan_routing(r, "understudy", 4, readmit=False).understudy_tokens.sum() == 2
+    assert plan_routing(r, "understudy", 8, readmit=False, groups=RANKS).understudy_tokens.sum() == 0
+    # One rank of capacity 5 holding both of a token's experts must have room for both to readmit it.
+    tight = plan_routing(fixed([[0, 1]] * 3, [[0.6, 0.4]] * 3, 8), "understudy", 5, groups=RANKS)
+    assert tight.understudy_tokens.tolist() == [False, False, True]
+
+
+def test_groups_must_name_one_group_per_expert():
+    with pytest.raises(ValueError, match="one group per expert"):
+        plan_routing(random_routing(0), "drop", 4, groups=torch.tensor([0, 1]))

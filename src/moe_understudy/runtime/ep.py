@@ -160,6 +160,21 @@ class ExpertParallelMoE(LoadAwareMoE):
         if not keep_all_experts:
             _drop_routed_weights(moe)
 
+    def capacity_groups(self) -> torch.Tensor:
+        """(E,) rank holding each expert of this layer (capacity per rank needs one holder each)."""
+        slots = self.placement.phys_to_logical[self.position]  # (R * slots,)
+        ranks = torch.full((self.moe.num_experts,), -1, dtype=torch.long)
+        for slot, e in enumerate(slots.tolist()):
+            if e < 0:
+                continue
+            if ranks[e] >= 0:
+                raise UserError(
+                    f"Expert {e} of layer {self.moe.index} has replicas on several ranks, so capacity per rank "
+                    "is ambiguous; use capacity_scope 'expert' with a replicated placement."
+                )
+            ranks[e] = slot // self.placement.slots_per_rank
+        return ranks
+
     # 2. ------------------------------------------------------------------------------------------
     def _global_routing(self, routing: Routing) -> tuple[Routing, int, list[int]]:
         """All ranks' routings concatenated in rank order; (global, my first row, rows per rank)."""
@@ -460,7 +475,9 @@ def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
         wrappers = patch_ep(model, placement, understudies, RuntimeConfig())
         summaries, all_records = [], {}
         for policy, cf in sweep_runs(cfg):
-            runtime = RuntimeConfig(policy=policy, capacity_factor=cf, priority=cfg.priority)
+            runtime = RuntimeConfig(
+                policy=policy, capacity_factor=cf, priority=cfg.priority, capacity_scope=cfg.capacity_scope
+            )
             recorder = EPRecorder(rank, world)
             for w in wrappers:
                 _check_stand_in(policy, w.moe, w.understudy)
@@ -470,7 +487,15 @@ def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
             _collective("all_gather_object(stats)", dist.all_gather_object, gathered, recorder.records)
             records = [r for part in gathered for r in part]
             summary = summarize(records, world, float(torch.exp(nll[0] / nll[1])), steps, placement, wall)
-            summaries.append({"policy": policy, "capacity_factor": cf, "placement": cfg.placement, **summary})
+            summaries.append(
+                {
+                    "policy": policy,
+                    "capacity_factor": cf,
+                    "capacity_scope": cfg.capacity_scope,
+                    "placement": cfg.placement,
+                    **summary,
+                }
+            )
             all_records[f"{policy}@{cf}"] = records
         if rank == 0:
             out = Path(cfg.out)

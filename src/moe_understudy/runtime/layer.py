@@ -107,15 +107,23 @@ class LoadAwareMoE(nn.Module):
         with _BiasedRouterLogits(self.logit_bias):
             return self.moe.route(x)
 
+    def capacity_groups(self) -> torch.Tensor:
+        """(E,) rank of each expert, for capacity per rank; only expert parallelism has ranks."""
+        raise UserError(
+            "capacity_scope 'rank' needs expert parallelism (understudy ep, or evaluate --ep N); "
+            "use capacity_scope 'expert' in one process."
+        )
+
     def plan(self, routing: Routing) -> tuple[Plan, int | None]:
         """The policy's plan for this step and the capacity it used (None under `full`)."""
         c = self.config
         if c.policy == "full":
             return plan_routing(routing, "full", 0), None
-        capacity = expert_capacity(
-            routing.indices.shape[0], routing.top_k, routing.num_experts, c.capacity_factor
-        )
-        return plan_routing(routing, c.policy, capacity, c.priority, **c.policy_kwargs()), capacity
+        groups = self.capacity_groups().to(routing.indices.device) if c.capacity_scope == "rank" else None
+        holders = routing.num_experts if groups is None else int(groups.max()) + 1
+        capacity = expert_capacity(routing.indices.shape[0], routing.top_k, holders, c.capacity_factor)
+        plan = plan_routing(routing, c.policy, capacity, c.priority, groups=groups, **c.policy_kwargs())
+        return plan, capacity
 
     def execute(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
         """Routed output (T, H) of `plan`: experts, shadows and understudy each on their share."""

@@ -9,8 +9,11 @@ Admission order (`priority`):
   - ``score``: highest router weight first, so the lowest-weight assignments overflow first
     (batch-prioritized routing); ties fall back to position order.
 
-An expert takes the first ``capacity`` assignments of its queue; the rest overflow. What happens to
-overflow is the policy:
+An expert takes the first ``capacity`` assignments of its queue; the rest overflow. With ``groups``
+(an expert -> rank map under expert parallelism) capacity is per group instead: a rank takes the
+first ``capacity`` assignments of the queue of all its experts, so a cold expert's spare room
+absorbs a hot neighbour's load and every rank ends near the same load. What happens to overflow is
+the policy:
 
   full         no limit: every assignment goes to its expert.
   drop         overflow contributes nothing (GShard/Switch token dropping).
@@ -165,12 +168,21 @@ def queue_positions(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return pos
 
 
-def _positions(routing: Routing, order: torch.Tensor) -> torch.Tensor:
-    """(T, k) queue position of every assignment when admitted in `order`."""
-    flat = routing.indices.reshape(-1)
+def _positions(routing: Routing, order: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, k) place of every assignment in its expert's (or its expert's group's) queue, admitted in `order`."""
+    flat = _owners(routing.indices, groups).reshape(-1)
     pos = torch.empty_like(flat)
-    pos[order] = queue_positions(flat[order], routing.num_experts)
+    pos[order] = queue_positions(flat[order], _num_owners(routing.num_experts, groups))
     return pos.view_as(routing.indices)
+
+
+def _owners(indices: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """Who holds the capacity each assignment uses: its expert, or the expert's group."""
+    return indices if groups is None else groups[indices]
+
+
+def _num_owners(num_experts: int, groups: torch.Tensor | None) -> int:
+    return num_experts if groups is None else int(groups.max()) + 1
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -187,30 +199,36 @@ def plan_routing(
     time_per_assignment: float | torch.Tensor = 1.0,
     latency: float = 0.0,
     deadline: float | None = None,
+    groups: torch.Tensor | None = None,
 ) -> Plan:
-    """Decide the fate of every assignment of `routing` under `policy` with per-expert `capacity`.
+    """Decide the fate of every assignment of `routing` under `policy` with `capacity` per expert.
 
-    routing: Routing with indices/weights (T, k), logits (T, E). Keyword options belong to single
-    policies (see the module docstring) and are ignored by the others.
+    routing: Routing with indices/weights (T, k), logits (T, E). groups: optional (E,) long group
+    (rank) of each expert; `capacity` is then per group. Keyword options belong to single policies
+    (see the module docstring) and are ignored by the others.
     """
     if policy not in POLICIES:
         raise ValueError(f"Unknown policy {policy!r}; choose one of: {', '.join(POLICIES)}.")
     if capacity < 0:
         raise ValueError(f"capacity must be non-negative, got {capacity}.")
+    if groups is not None and groups.shape != (routing.num_experts,):
+        raise ValueError(
+            f"groups must give one group per expert ({routing.num_experts},), got {tuple(groups.shape)}."
+        )
     if policy == "full":
         return _everything_to_experts(routing)
     if policy == "layer":
-        return _layer(routing, capacity, threshold)
+        return _layer(routing, capacity, threshold, groups)
     order = admission_order(routing, priority)
     if policy == "deadline":
-        return _deadline(routing, order, capacity, time_per_assignment, latency, deadline)
-    kept = _positions(routing, order) < capacity  # (T, k)
+        return _deadline(routing, order, capacity, time_per_assignment, latency, deadline, groups)
+    kept = _positions(routing, order, groups) < capacity  # (T, k)
     if policy in ("drop", "drop_renorm"):
         return _drop(routing, kept, renormalise=policy == "drop_renorm")
     if policy == "reroute":
-        return _reroute(routing, kept, order, capacity)
+        return _reroute(routing, kept, order, capacity, groups)
     if policy == "understudy":
-        return _understudy(routing, kept, order, capacity, readmit)
+        return _understudy(routing, kept, order, capacity, readmit, groups)
     return _shadow(routing, kept)
 
 
@@ -252,7 +270,9 @@ def _shadow(routing: Routing, kept: torch.Tensor) -> Plan:
     return _plan(routing, kept, shadow_served=~kept)
 
 
-def _reroute(routing: Routing, kept: torch.Tensor, order: torch.Tensor, capacity: int) -> Plan:
+def _reroute(
+    routing: Routing, kept: torch.Tensor, order: torch.Tensor, capacity: int, groups: torch.Tensor | None
+) -> Plan:
     """Overflow assignments propose their token's next-best experts, one per round, in priority order.
 
     Round r: each token with pending overflow proposes its r-th alternative (experts outside its
@@ -262,9 +282,10 @@ def _reroute(routing: Routing, kept: torch.Tensor, order: torch.Tensor, capacity
     """
     T, k = routing.indices.shape
     E = routing.num_experts
+    owners = _num_owners(E, groups)
     indices = routing.indices.clone()
     pending = ~kept
-    load = torch.bincount(routing.indices[kept], minlength=E)  # (E,)
+    load = torch.bincount(_owners(routing.indices[kept], groups), minlength=owners)  # (E,) or (groups,)
     ranked = torch.argsort(routing.logits.detach().float(), dim=-1, descending=True, stable=True)  # (T, E)
     own = torch.zeros(T, E, dtype=torch.bool, device=indices.device).scatter_(1, routing.indices, True)
     alternatives = ranked[~own.gather(1, ranked)].view(T, E - k)  # (T, E-k) best first
@@ -280,27 +301,37 @@ def _reroute(routing: Routing, kept: torch.Tensor, order: torch.Tensor, capacity
         by_priority = torch.argsort(first_rank[tokens])
         tokens = tokens[by_priority]
         candidate = alternatives[tokens, r]
-        accept = queue_positions(candidate, E) < (capacity - load)[candidate]
+        owner = _owners(candidate, groups)
+        accept = queue_positions(owner, owners) < (capacity - load)[owner]
         tokens, slot, candidate = tokens[accept], slot[tokens[accept]], candidate[accept]
         indices[tokens, slot] = candidate
         pending[tokens, slot] = False
-        load += torch.bincount(candidate, minlength=E)
+        load += torch.bincount(owner[accept], minlength=owners)
     return _plan(routing, ~pending, indices=indices, dropped=pending)
 
 
 def _understudy(
-    routing: Routing, kept: torch.Tensor, order: torch.Tensor, capacity: int, readmit: bool
+    routing: Routing,
+    kept: torch.Tensor,
+    order: torch.Tensor,
+    capacity: int,
+    readmit: bool,
+    groups: torch.Tensor | None,
 ) -> Plan:
     T, k = routing.indices.shape
     overflowing = ~kept.all(-1)  # (T,) tokens with any overflow
     if readmit and overflowing.any():
-        overflowing = overflowing & ~_readmitted(routing, overflowing, order, capacity)
+        overflowing = overflowing & ~_readmitted(routing, overflowing, order, capacity, groups)
     expert_served = ~overflowing[:, None].expand(T, k)
     return _plan(routing, expert_served, understudy_tokens=overflowing)
 
 
 def _readmitted(
-    routing: Routing, candidates: torch.Tensor, order: torch.Tensor, capacity: int
+    routing: Routing,
+    candidates: torch.Tensor,
+    order: torch.Tensor,
+    capacity: int,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(T,) bool: candidate tokens whose every assignment fits the capacity the other tokens left.
 
@@ -308,29 +339,36 @@ def _readmitted(
     `order`); a token that does not fit takes nothing, so later smaller demands may still fit.
     """
     T, k = routing.indices.shape
-    E = routing.num_experts
+    owners = _owners(routing.indices, groups)  # (T, k)
     staying = ~candidates
-    free = (capacity - torch.bincount(routing.indices[staying].reshape(-1), minlength=E)).tolist()
+    free = (
+        capacity
+        - torch.bincount(owners[staying].reshape(-1), minlength=_num_owners(routing.num_experts, groups))
+    ).tolist()
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device)
     token_rank = rank.view(T, k).min(-1).values
     cand = candidates.nonzero().squeeze(1)
     cand = cand[torch.argsort(token_rank[cand])]
-    experts = routing.indices[cand].tolist()
     admitted = torch.zeros(T, dtype=torch.bool, device=candidates.device)
     chosen: list[int] = []
-    for t, ex in zip(cand.tolist(), experts, strict=True):
-        if all(free[e] > 0 for e in ex):  # a token's k experts are distinct
-            for e in ex:
-                free[e] -= 1
+    for t, held_by in zip(cand.tolist(), owners[cand].tolist(), strict=True):
+        # A token's k experts are distinct, but two of them may share a group.
+        if all(free[o] >= held_by.count(o) for o in held_by):
+            for o in held_by:
+                free[o] -= 1
             chosen.append(t)
     if chosen:
         admitted[torch.tensor(chosen, device=candidates.device)] = True
     return admitted
 
 
-def _layer(routing: Routing, capacity: int, threshold: float | None) -> Plan:
+def _layer(routing: Routing, capacity: int, threshold: float | None, groups: torch.Tensor | None) -> Plan:
     load = routing.tokens_per_expert()
+    if groups is not None:
+        load = torch.zeros(int(groups.max()) + 1, dtype=load.dtype, device=load.device).index_add_(
+            0, groups, load
+        )
     if threshold is None:
         switch = int(load.max()) > capacity
     else:
@@ -345,6 +383,7 @@ def _deadline(
     time_per_assignment: float | torch.Tensor,
     latency: float,
     deadline: float | None,
+    groups: torch.Tensor | None,
 ) -> Plan:
     per_expert = torch.as_tensor(time_per_assignment, dtype=torch.float64, device=routing.indices.device)
     if deadline is None:
@@ -352,7 +391,7 @@ def _deadline(
             raise ValueError("With a per-expert time_per_assignment, pass an explicit deadline.")
         deadline = capacity * float(per_expert) + latency
     per_expert = per_expert.expand(routing.num_experts) if per_expert.numel() == 1 else per_expert
-    position = _positions(routing, order)  # (T, k)
+    position = _positions(routing, order, groups)  # (T, k)
     finish = (position + 1).double() * per_expert[routing.indices] + latency  # (T, k)
     late = finish > deadline + 1e-9
     late_tokens = late.any(-1)
