@@ -5,6 +5,8 @@ Every system runs in this one invocation on the same held-out blocks:
   drop         capacity over the global batch, overflow dropped
   reroute      capacity over the global batch, overflow moved to the next-best expert with room
   understudy   capacity over the global batch, overflowing tokens served locally by the understudy
+  ...-rankcap  the same policy with capacity per rank (ceil(cf * tokens * k / ranks) over all of a
+               rank's experts) instead of per expert, so cold experts absorb hot neighbours' load
   replication  `full` on an EPLB-style placement that replicates hot experts (load measured on train
                blocks) into the spare slots one understudy's memory buys (equal memory)
   speculative  `full` with speculative pre-dispatch (affinities fitted on train blocks): counted
@@ -203,13 +205,7 @@ def main() -> None:
             f"[bold]{name}[/]: torchrun x{args.ranks}, policies {cfg.policies}, capacities {cfg.capacities}"
         )
         runs = launch_ep(cfg, args.ranks)
-        return [
-            {
-                "system": name if r["policy"] == "full" else f"{r['policy']}-cf{r['capacity_factor']:g}",
-                **r,
-            }
-            for r in runs
-        ]
+        return [{"system": system_name(name, r), **r} for r in runs]
 
     rows: list[dict] = []
     for i, (label, path) in enumerate(sets):
@@ -220,12 +216,21 @@ def main() -> None:
         # Per-expert shadows serve single overflowing assignments; dense understudies whole tokens.
         own = "shadow" if isinstance(u0, Shadows) else "understudy"
         policies = ("full", "drop", "reroute", own) if i == 0 else (own,)
-        for r in ep(
+        runs = ep(
             "full" if i == 0 else f"contiguous-{label}",
             policies=policies,
             capacities=caps,
             understudies=str(path),
-        ):
+        )
+        # Capacity per rank: the lever for rank balance (one launch per understudy set; drop once).
+        runs += ep(
+            f"rankcap-{label}",
+            policies=("drop", own) if i == 0 else (own,),
+            capacities=caps,
+            understudies=str(path),
+            capacity_scope="rank",
+        )
+        for r in runs:
             if r["policy"] == own:
                 r.update(
                     system=f"{r['system']} ({label})",
@@ -259,7 +264,9 @@ def main() -> None:
     # Per kind of system: the largest all-to-all cut among its runs within +1% perplexity.
     within = {}
     for r in rows:
-        kind = r["system"].split("-")[0].split(" ")[0]
+        kind = r["system"].split("-")[0].split(" ")[0] + (
+            "/rank" if r.get("capacity_scope") == "rank" else ""
+        )
         if r["ppl_increase_pct"] <= 1.0 and r["a2a_cut_pct"] > within.get(kind, {}).get("a2a_cut_pct", -1e9):
             within[kind] = {
                 k: r[k] for k in ("system", "ppl_increase_pct", "a2a_cut_pct", "max_over_mean_rank_load")
@@ -312,6 +319,14 @@ def main() -> None:
     )
 
 
+def system_name(launch: str, run: dict) -> str:
+    """Row name: the launch's name for `full`, else policy, capacity scope and capacity factor."""
+    if run["policy"] == "full":
+        return launch
+    scope = "-rankcap" if run.get("capacity_scope") == "rank" else ""
+    return f"{run['policy']}{scope}-cf{run['capacity_factor']:g}"
+
+
 def plot(rows: list[dict], path: Path, ranks: int) -> None:
     import matplotlib
 
@@ -330,8 +345,14 @@ def plot(rows: list[dict], path: Path, ranks: int) -> None:
             "replication": "^",
             "speculative": "D",
         }.get(kind, ".")
-        a.scatter(r["a2a_cut_pct"], r["ppl_increase_pct"], marker=marker, label=r["system"])
-        b.scatter(r["max_over_mean_rank_load"], r["ppl_increase_pct"], marker=marker)
+        # Capacity per rank: hollow markers, so the two scopes of one policy read as a pair.
+        style = (
+            dict(marker=marker, facecolors="none")
+            if r.get("capacity_scope") == "rank" and marker not in "x."
+            else dict(marker=marker)
+        )
+        a.scatter(r["a2a_cut_pct"], r["ppl_increase_pct"], label=r["system"], **style)
+        b.scatter(r["max_over_mean_rank_load"], r["ppl_increase_pct"], **style)
     a.set_xlabel("all-to-all bytes cut vs full (%)")
     a.set_ylabel("perplexity increase vs full (%)")
     a.set_yscale("symlog", linthresh=1.0)
