@@ -552,6 +552,12 @@ def evaluate(
             help="Run under real expert parallelism over this many local processes (torchrun, gloo on CPU); 0 = one process."
         ),
     ] = 0,
+    capacity_scope: Annotated[
+        str,
+        typer.Option(
+            help="With --ep: expert (capacity per expert) or rank (ceil(cf * tokens * k / ranks) per rank over all its experts)."
+        ),
+    ] = "expert",
 ) -> None:
     """Quality under load: perplexity, KL to full, agreement, bytes moved and load for each policy x capacity factor."""
     from moe_understudy.config import EvalConfig
@@ -578,13 +584,15 @@ def evaluate(
         )
     except ValueError as err:
         raise UserError(str(err)) from err
+    if capacity_scope != "expert" and ep == 0:
+        raise UserError(f"--capacity-scope {capacity_scope} needs expert parallelism: add --ep N.")
     if ep > 0:
-        _evaluate_expert_parallel(cfg, ep)
+        _evaluate_expert_parallel(cfg, ep, capacity_scope)
     else:
         run_evaluation(cfg, console)
 
 
-def _evaluate_expert_parallel(cfg, nproc: int) -> None:
+def _evaluate_expert_parallel(cfg, nproc: int, capacity_scope: str) -> None:
     """`evaluate --ep N`: the same sweep on natural held-out text under real expert parallelism."""
     from moe_understudy.config import EPConfig
     from moe_understudy.runtime.ep import launch_ep, runs_table
@@ -597,6 +605,7 @@ def _evaluate_expert_parallel(cfg, nproc: int) -> None:
         policies=cfg.policies,
         capacities=cfg.capacities,
         priority=cfg.priority,
+        capacity_scope=capacity_scope,
         data=cfg.data,
         max_blocks=cfg.max_blocks,
         blocks_per_rank=max(1, cfg.batch_sizes[0] // nproc),

@@ -168,3 +168,11 @@ def test_cli_evaluate_under_expert_parallelism_matches_one_process_full_perplexi
     ep = json.loads((tmp_path / "ep" / "ep" / "ep.json").read_text())
     ep_full = next(run for run in ep["runs"] if run["policy"] == "full")
     assert ep_full["perplexity"] == pytest.approx(one, rel=1e-4)
+
+
+def test_cli_evaluate_refuses_capacity_per_rank_without_ranks(tmp_path, blocks):
+    folder = saved_model(tmp_path, blocks)
+    result = CliRunner().invoke(
+        app, ["evaluate", str(folder), "--policies", "full,drop", "--capacity-scope", "rank"]
+    )
+    assert result.exit_code == 2 and "--ep N" in result.output

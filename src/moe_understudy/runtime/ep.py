@@ -598,7 +598,9 @@ def runs_table(runs: list[dict], title: str = "expert parallelism"):
     for r in runs:
         t.add_row(
             r["policy"],
-            f"{r['capacity_factor']:g}" if r["policy"] != "full" else "",
+            ""
+            if r["policy"] == "full"
+            else f"{r['capacity_factor']:g}" + (" per rank" if r.get("capacity_scope") == "rank" else ""),
             f"{r['perplexity']:.3f}",
             f"{r['a2a_bytes'] / 1e6:.2f}",
             f"{r['max_over_mean_rank_load']:.3f}",
