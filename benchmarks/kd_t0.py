@@ -368,21 +368,23 @@ def plot(scores: dict, path: Path) -> None:
 
     names = list(scores)
     x = range(len(names))
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / len(COLUMNS)
     for j, split in enumerate(COLUMNS):
+        greedy = split.endswith("_greedy")
         ax.bar(
             [i - 0.4 + (j + 0.5) * width for i in x],
             [scores[n][split]["mean"] for n in names],
             width,
-            yerr=[scores[n][split]["std"] for n in names],
-            label=LABELS[split],
+            yerr=None if greedy else [scores[n][split]["std"] for n in names],
+            label=LABELS[split] + ("" if greedy else " (sampled, ± std over seeds)"),
             capsize=3,
+            hatch="//" if greedy else None,
         )
     ax.set_xticks(list(x), names, rotation=20, ha="right")
-    ax.set_ylabel("ROUGE-L F1 x100 (sampled: mean ± std over 5 seeds)")
+    ax.set_ylabel("ROUGE-L F1 x100")
     ax.set_title("MoE -> student distillation on the T0 mix")
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -391,6 +393,7 @@ def plot(scores: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="tiny smoke run (minutes), results not written")
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the results JSON")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--teacher", help="MoE teacher preset (default mixtral)")
     parser.add_argument("--student", help="dense student preset (default quick-student)")
@@ -419,6 +422,9 @@ def main() -> int:
         help="earlier run folder whose data split, tokenizer and teacher SFT are copied in (same data settings)",
     )
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads((RESULTS / f"{NAME}.json").read_text())["scores"], RESULTS / f"{NAME}.png")
+        return 0
     console = Console()
     if not DATA.exists():
         console.print(f"[yellow]{DATA} is absent: the T0 distillation benchmark needs it; nothing to do.[/]")
