@@ -7,6 +7,8 @@ Every system runs in this one invocation on the same held-out blocks:
   understudy   capacity over the global batch, overflowing tokens served locally by the understudy
   ...-rankcap  the same policy with capacity per rank (ceil(cf * tokens * k / ranks) over all of a
                rank's experts) instead of per expert, so cold experts absorb hot neighbours' load
+  balanced     `full` with experts packed onto ranks by measured load (EPLB packing, no replicas,
+               no extra memory); `...-rankcap-balanced` adds capacity per rank on that placement
   replication  `full` on an EPLB-style placement that replicates hot experts (load measured on train
                blocks) into the spare slots one understudy's memory buys (equal memory)
   speculative  `full` with speculative pre-dispatch (affinities fitted on train blocks): counted
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -230,6 +233,17 @@ def main() -> None:
             understudies=str(path),
             capacity_scope="rank",
         )
+        # The same on a load-balanced placement: packing evens out what capacity per rank cannot
+        # (a rank whose experts are all cold stays idle whatever the capacity).
+        runs += ep(
+            "balanced",
+            policies=("full", own) if i == 0 else (own,),
+            capacities=caps,
+            understudies=str(path),
+            capacity_scope="rank",
+            placement="replicate",
+            extra_slots=0,
+        )
         for r in runs:
             if r["policy"] == own:
                 r.update(
@@ -264,9 +278,7 @@ def main() -> None:
     # Per kind of system: the largest all-to-all cut among its runs within +1% perplexity.
     within = {}
     for r in rows:
-        kind = r["system"].split("-")[0].split(" ")[0] + (
-            "/rank" if r.get("capacity_scope") == "rank" else ""
-        )
+        kind = system_kind(r["system"]).split(" ")[0]
         if r["ppl_increase_pct"] <= 1.0 and r["a2a_cut_pct"] > within.get(kind, {}).get("a2a_cut_pct", -1e9):
             within[kind] = {
                 k: r[k] for k in ("system", "ppl_increase_pct", "a2a_cut_pct", "max_over_mean_rank_load")
@@ -324,7 +336,13 @@ def system_name(launch: str, run: dict) -> str:
     if run["policy"] == "full":
         return launch
     scope = "-rankcap" if run.get("capacity_scope") == "rank" else ""
-    return f"{run['policy']}{scope}-cf{run['capacity_factor']:g}"
+    placed = "-balanced" if run.get("placement") == "replicate" else ""
+    return f"{run['policy']}{scope}{placed}-cf{run['capacity_factor']:g}"
+
+
+def system_kind(system: str) -> str:
+    """A row's system without its capacity factor: the rows of one kind form a curve over cf."""
+    return re.sub(r"-cf[\d.]+", "", system)
 
 
 def plot(rows: list[dict], path: Path, ranks: int) -> None:
@@ -333,26 +351,24 @@ def plot(rows: list[dict], path: Path, ranks: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5.5))
+    markers = {"full": "o", "drop": "x", "reroute": "v", "understudy": "s", "shadow": "P"}
+    markers |= {"replication": "^", "speculative": "D", "balanced": "o"}
+    kinds: dict[str, list[dict]] = {}
     for r in rows:
-        kind = r["system"].split("-")[0]
-        marker = {
-            "full": "o",
-            "drop": "x",
-            "reroute": "v",
-            "understudy": "s",
-            "shadow": "P",
-            "replication": "^",
-            "speculative": "D",
-        }.get(kind, ".")
-        # Capacity per rank: hollow markers, so the two scopes of one policy read as a pair.
-        style = (
-            dict(marker=marker, facecolors="none")
-            if r.get("capacity_scope") == "rank" and marker not in "x."
-            else dict(marker=marker)
+        kinds.setdefault(system_kind(r["system"]), []).append(r)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 6))
+    colors = plt.cm.tab20(range(20))
+    for n, (kind, runs) in enumerate(kinds.items()):
+        runs = sorted(runs, key=lambda r: r.get("capacity_factor") or 0)
+        # Capacity per rank dashed, so the two scopes of one policy read as a pair.
+        style = dict(
+            marker=markers.get(kind.split(" ")[0].split("-")[0], "."),
+            ls="--" if "rankcap" in kind else "-",
+            color=colors[n % 20],
+            label=kind,
         )
-        a.scatter(r["a2a_cut_pct"], r["ppl_increase_pct"], label=r["system"], **style)
-        b.scatter(r["max_over_mean_rank_load"], r["ppl_increase_pct"], **style)
+        a.plot([r["a2a_cut_pct"] for r in runs], [r["ppl_increase_pct"] for r in runs], **style)
+        b.plot([r["max_over_mean_rank_load"] for r in runs], [r["ppl_increase_pct"] for r in runs], **style)
     a.set_xlabel("all-to-all bytes cut vs full (%)")
     a.set_ylabel("perplexity increase vs full (%)")
     a.set_yscale("symlog", linthresh=1.0)
@@ -360,10 +376,15 @@ def plot(rows: list[dict], path: Path, ranks: int) -> None:
     a.axvline(30.0, ls=":", c="grey")
     b.set_xlabel("max / mean rank load (expert rows)")
     b.set_yscale("symlog", linthresh=1.0)
+    b.axhline(1.0, ls=":", c="grey")
     b.axvline(1.1, ls=":", c="grey")
-    fig.suptitle(f"Expert parallelism over {ranks} ranks (gloo)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.22, 1, 1))
-    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=6, frameon=False)
+    fig.suptitle(
+        f"Expert parallelism over {ranks} ranks (gloo); each curve sweeps the capacity factor; "
+        "target: bottom right (left plot), bottom left (right plot)",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.legend(*a.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -505,9 +505,10 @@ class EPConfig(StageConfig):
             raise ValueError(f"capacities must be positive numbers, got {list(self.capacities)}.")
         if self.capacity_scope not in CAPACITY_SCOPES:
             raise ValueError(f"capacity_scope must be expert or rank; got {self.capacity_scope!r}.")
-        if self.capacity_scope == "rank" and self.placement == "replicate":
+        if self.capacity_scope == "rank" and self.placement == "replicate" and self.extra_slots > 0:
             raise ValueError(
-                "capacity_scope rank needs one rank per expert; it cannot be used with placement replicate."
+                "capacity_scope rank needs one rank per expert; use placement replicate with extra_slots 0 "
+                "(experts packed onto ranks by load, no replicas)."
             )
         if self.extra_slots < 0 or self.max_blocks <= 0 or self.blocks_per_rank <= 0 or self.timeout_s <= 0:
             raise ValueError("extra_slots must be >= 0; max_blocks, blocks_per_rank and timeout_s positive.")
