@@ -26,6 +26,14 @@ _MIXTRAL: dict[str, Any] = dict(
     output_router_logits=True,
     tie_word_embeddings=True,
 )
+# Two layers of hidden 64 and 4 experts: the shape of the seconds-long presets.
+_QUICK_MIXTRAL: dict[str, Any] = {
+    **_MIXTRAL,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_local_experts": 4,
+}
 _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("mixtral", _MIXTRAL),
     # Larger Mixtral-style teacher for whole-model distillation, about 4x the active size of
@@ -62,21 +70,7 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     # Seconds-long teacher for tests and `--quick`.
-    "quick": (
-        "mixtral",
-        dict(
-            hidden_size=64,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            router_aux_loss_coef=0.01,
-            output_router_logits=True,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "quick": ("mixtral", {**_QUICK_MIXTRAL, "intermediate_size": 64}),
     # Dense Llama-style student (about the active size of the default teacher).
     "llama-student": (
         "llama",
@@ -90,21 +84,7 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     # Smaller MoE student for MoE-to-MoE distillation (B-Distill): 4 experts of 128, top-2.
-    "moe-student": (
-        "mixtral",
-        dict(
-            hidden_size=128,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            router_aux_loss_coef=0.01,
-            output_router_logits=True,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "moe-student": ("mixtral", {**_MIXTRAL, "intermediate_size": 128, "num_local_experts": 4}),
     "quick-student": (
         "llama",
         dict(
@@ -116,21 +96,7 @@ _PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             tie_word_embeddings=True,
         ),
     ),
-    "quick-moe-student": (
-        "mixtral",
-        dict(
-            hidden_size=64,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-            router_aux_loss_coef=0.01,
-            output_router_logits=True,
-            tie_word_embeddings=True,
-        ),
-    ),
+    "quick-moe-student": ("mixtral", {**_QUICK_MIXTRAL, "intermediate_size": 32}),
 }
 PRESETS = tuple(_PRESETS)
 
