@@ -163,7 +163,7 @@ def main() -> None:
     for folder in sets:
         us = load_understudies(folder, model)
         cost = understudy_cost(model, us)
-        tag = f"cost {cost:.2f}"
+        tag = f"cost {cost:.2f}, {Path(folder).name}"  # the name keeps two sets of one cost apart
         for policy, options in (("understudy", {}), ("layer", {}), ("deadline", {})):
             got = evaluate_policies(
                 model, us, blocks, [policy], capacities, runtime_options=options, **common
