@@ -368,10 +368,9 @@ class RuntimeConfig(StageConfig):
 
     policy: str = "full"  # one of runtime.policies.POLICIES
     capacity_factor: float = 1.0  # per-expert capacity = ceil(cf * tokens * k / E), per layer and step
-    capacity_scope: str = (
-        "expert"  # expert | rank: with rank (expert parallelism), ceil(cf * tokens * k / ranks)
-    )
-    # per rank over all its experts, so a cold expert's room absorbs a hot neighbour's overflow
+    # expert | rank: with rank (expert parallelism only), ceil(cf * tokens * k / ranks) per rank over
+    # all its experts, so a cold expert's room absorbs a hot neighbour's overflow
+    capacity_scope: str = "expert"
     priority: str = "position"  # which assignments overflow first: position (arrival) | score (lowest weight)
     readmit: bool = True  # understudy: offer capacity freed by understudy tokens back to tokens that fit
     threshold: float | None = (

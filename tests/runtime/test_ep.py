@@ -80,8 +80,7 @@ def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir, fa
         placement = plan_placement(len(moe), moe[0].num_experts, world)
     if scope == "rank":
         # One process has no ranks: give its layers the placement's expert -> rank map by hand.
-        E = find_moe_layers(model)[0].num_experts
-        ranks = torch.tensor([int(placement.slots_of(0, e)[0]) // placement.slots_per_rank for e in range(E)])
+        ranks = placement.expert_rank()[0]
         LoadAwareMoE.capacity_groups = lambda self: ranks
     result = {}
     for policy in policies:

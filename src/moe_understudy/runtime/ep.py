@@ -152,6 +152,11 @@ class ExpertParallelMoE(LoadAwareMoE):
             )
         self.ep_recorder = recorder
         self.local_experts = placement.local_experts(position, self.rank)
+        # Fixed by the placement, so computed once rather than per step.
+        self.expert_rank = placement.expert_rank()[position]  # (E,)
+        slots = placement.phys_to_logical[position]
+        copies = torch.bincount(slots[slots >= 0], minlength=moe.num_experts)
+        self.replicated_expert = int(copies.argmax()) if int(copies.max()) > 1 else None
         # Local experts as fused (2I, H) / (H, I) buffers, the layout the experts module uses.
         for e in self.local_experts:
             gate, up, down = moe.expert_weights(e)
@@ -162,18 +167,12 @@ class ExpertParallelMoE(LoadAwareMoE):
 
     def capacity_groups(self) -> torch.Tensor:
         """(E,) rank holding each expert of this layer (capacity per rank needs one holder each)."""
-        slots = self.placement.phys_to_logical[self.position]  # (R * slots,)
-        ranks = torch.full((self.moe.num_experts,), -1, dtype=torch.long)
-        for slot, e in enumerate(slots.tolist()):
-            if e < 0:
-                continue
-            if ranks[e] >= 0:
-                raise UserError(
-                    f"Expert {e} of layer {self.moe.index} has replicas on several ranks, so capacity per rank "
-                    "is ambiguous; use capacity_scope 'expert' with a replicated placement."
-                )
-            ranks[e] = slot // self.placement.slots_per_rank
-        return ranks
+        if self.replicated_expert is not None:
+            raise UserError(
+                f"Expert {self.replicated_expert} of layer {self.moe.index} has replicas on several ranks, so "
+                "capacity per rank is ambiguous; use capacity_scope 'expert' with a replicated placement."
+            )
+        return self.expert_rank
 
     # 2. ------------------------------------------------------------------------------------------
     def _global_routing(self, routing: Routing) -> tuple[Routing, int, list[int]]:

@@ -26,6 +26,7 @@ from moe_understudy.runtime.policies import (
     NEEDS_SHADOWS,
     NEEDS_UNDERSTUDY,
     Plan,
+    capacity_holders,
     expert_capacity,
     plan_routing,
 )
@@ -120,7 +121,7 @@ class LoadAwareMoE(nn.Module):
         if c.policy == "full":
             return plan_routing(routing, "full", 0), None
         groups = self.capacity_groups().to(routing.indices.device) if c.capacity_scope == "rank" else None
-        holders = routing.num_experts if groups is None else int(groups.max()) + 1
+        holders = capacity_holders(routing.num_experts, groups)
         capacity = expert_capacity(routing.indices.shape[0], routing.top_k, holders, c.capacity_factor)
         plan = plan_routing(routing, c.policy, capacity, c.priority, groups=groups, **c.policy_kwargs())
         return plan, capacity

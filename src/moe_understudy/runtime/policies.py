@@ -172,7 +172,7 @@ def _positions(routing: Routing, order: torch.Tensor, groups: torch.Tensor | Non
     """(T, k) place of every assignment in its expert's (or its expert's group's) queue, admitted in `order`."""
     flat = _owners(routing.indices, groups).reshape(-1)
     pos = torch.empty_like(flat)
-    pos[order] = queue_positions(flat[order], _num_owners(routing.num_experts, groups))
+    pos[order] = queue_positions(flat[order], capacity_holders(routing.num_experts, groups))
     return pos.view_as(routing.indices)
 
 
@@ -181,7 +181,8 @@ def _owners(indices: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
     return indices if groups is None else groups[indices]
 
 
-def _num_owners(num_experts: int, groups: torch.Tensor | None) -> int:
+def capacity_holders(num_experts: int, groups: torch.Tensor | None) -> int:
+    """How many capacities a step has: one per expert, or one per group (rank)."""
     return num_experts if groups is None else int(groups.max()) + 1
 
 
@@ -282,7 +283,7 @@ def _reroute(
     """
     T, k = routing.indices.shape
     E = routing.num_experts
-    owners = _num_owners(E, groups)
+    owners = capacity_holders(E, groups)
     indices = routing.indices.clone()
     pending = ~kept
     load = torch.bincount(_owners(routing.indices[kept], groups), minlength=owners)  # (E,) or (groups,)
@@ -343,7 +344,7 @@ def _readmitted(
     staying = ~candidates
     free = (
         capacity
-        - torch.bincount(owners[staying].reshape(-1), minlength=_num_owners(routing.num_experts, groups))
+        - torch.bincount(owners[staying].reshape(-1), minlength=capacity_holders(routing.num_experts, groups))
     ).tolist()
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device)
@@ -364,11 +365,9 @@ def _readmitted(
 
 
 def _layer(routing: Routing, capacity: int, threshold: float | None, groups: torch.Tensor | None) -> Plan:
-    load = routing.tokens_per_expert()
-    if groups is not None:
-        load = torch.zeros(int(groups.max()) + 1, dtype=load.dtype, device=load.device).index_add_(
-            0, groups, load
-        )
+    load = torch.bincount(
+        _owners(routing.indices, groups).reshape(-1), minlength=capacity_holders(routing.num_experts, groups)
+    )
     if threshold is None:
         switch = int(load.max()) > capacity
     else:
