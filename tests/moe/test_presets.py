@@ -30,3 +30,19 @@ def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError) as err:
         preset_config("gpt5", vocab_size=10)
     assert all(name in str(err.value) for name in PRESETS)
+
+
+def test_fine_preset_is_a_fine_grained_qwen3_moe_with_the_default_active_width():
+    config = preset_config("fine", vocab_size=512)
+    assert config.model_type == "qwen3_moe"
+    assert config.norm_topk_prob and config.output_router_logits and config.tie_word_embeddings
+    assert config.router_aux_loss_coef == 0.01
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (4, 2, 32)
+    layers = find_moe_layers(build_model(config, seed=0))
+    assert len(layers) == 4
+    assert {
+        (layer.family, layer.hidden_size, layer.num_experts, layer.expert_intermediate_size, layer.top_k)
+        for layer in layers
+    } == {("qwen3_moe", 128, 64, 64, 8)}
+    # Active routed width equals the default teacher's 2 x 256.
+    assert layers[0].top_k * layers[0].expert_intermediate_size == 2 * 256
