@@ -149,3 +149,69 @@ def test_domain_shift_text_is_capped_and_not_in_the_default_training_text():
     assert min(map(len, shift)) >= 100
     for text in shift:
         assert text.strip()[:200] not in training
+
+
+def test_python_corpus_is_the_stdlib_documents_under_the_same_keys_plus_site_packages():
+    from moe_understudy.data.corpus import document_splits, python_documents
+
+    stdlib_keys = [key for key, _ in stdlib_documents()]
+    python_keys = [key for key, _ in python_documents()]
+    assert python_keys[: len(stdlib_keys)] == stdlib_keys
+    site = python_keys[len(stdlib_keys) :]
+    assert site and site == sorted(site) and all(k.startswith("site-packages/") for k in site)
+    assert not set(site) & set(stdlib_keys)
+    assert "site-packages/typer/__init__.py" in site
+    for banned in ("/tests/", "/test/", "__pycache__", ".dist-info/", "moe_understudy"):
+        assert not any(banned in k for k in site), banned
+    # The split is a function of the key: every stdlib document keeps its split.
+    on_stdlib = document_splits(stdlib_keys, 0.05)
+    on_python = document_splits(python_keys, 0.05)
+    assert {k: on_python[k] for k in stdlib_keys} == on_stdlib
+    assert any(on_stdlib.values())
+
+
+def test_python_corpus_is_capped_keeps_stdlib_splits_and_takes_site_packages_docs():
+    from moe_understudy.data.corpus import document_splits, pick_documents, python_documents
+
+    cfg = DataConfig(source="python", max_chars=200_000, val_fraction=0.1)
+    train, val = pick_documents(python_documents(), cfg)
+    assert sum(len(t) for _, t in train + val) <= cfg.max_chars
+    assert any(k.startswith("site-packages/") for k, _ in train)
+    stdlib_val = {k for k, v in document_splits((k for k, _ in stdlib_documents()), 0.1).items() if v}
+    picked_stdlib = [(k, k in dict(val)) for k, _ in train + val if not k.startswith("site-packages/")]
+    assert picked_stdlib and all(is_val == (k in stdlib_val) for k, is_val in picked_stdlib)
+    corpus = load_corpus(cfg)
+    assert corpus.name == "python"
+    assert corpus.train == [t for _, t in train] and corpus.val == [t for _, t in val]
+    assert sum(corpus.chars()) <= cfg.max_chars
+
+
+def test_site_packages_documents_skip_tests_caches_metadata_and_this_project(tmp_path):
+    from moe_understudy.data.corpus import site_packages_documents
+
+    files = {
+        "pkg/__init__.py": "x = 1\n",
+        "pkg/README.md": "# pkg\n",
+        "pkg/sub/docs.rst": "Docs\n====\n",
+        "pkg/NOTES.txt": "notes\n",
+        "pkg/data.bin": "binary-ish\n",
+        "pkg/tests/test_x.py": "def test(): pass\n",
+        "pkg/test/helper.py": "y = 2\n",
+        "pkg/__pycache__/a.py": "z = 3\n",
+        "pkg-1.0.dist-info/METADATA.txt": "Name: pkg\n",
+        "moe_understudy/cli.py": "print()\n",
+        "__editable___moe_understudy_0_1_0_finder.py": "MAPPING = {}\n",
+        "single.py": "w = 4\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    docs = site_packages_documents(tmp_path)
+    assert [k for k, _ in docs] == [
+        "site-packages/pkg/NOTES.txt",
+        "site-packages/pkg/README.md",
+        "site-packages/pkg/__init__.py",
+        "site-packages/pkg/sub/docs.rst",
+        "site-packages/single.py",
+    ]
+    assert dict(docs)["site-packages/pkg/README.md"]() == "# pkg\n"

@@ -1,4 +1,12 @@
-"""Training text: the Python standard library (default), local files and folders, or a `datasets` name.
+"""Training text: the Python standard library (default), stdlib + site-packages, local files and folders, or a `datasets` name.
+
+Named sources: "stdlib" is the running interpreter's library source (tests, IDLE and installed
+packages left out) plus each pydoc topic; "python" is exactly those documents, under the same keys
+(so a stdlib val document stays val), plus the source (.py) and docs (.md, .rst, .txt) of the
+installed pure-Python packages (`sysconfig.get_paths()["purelib"]`, the venv's site-packages),
+keyed "site-packages/<relative path>"; tests folders, __pycache__, *.dist-info / *.egg-info and this
+project's own package (an editable install's files included) are left out. Both list documents in
+sorted key order and read them lazily.
 
 A `Corpus` is a list of documents (strings) split into train and val **by document** (a file, a
 pydoc topic, a jsonl row), using a stable hash of the document's key, so adding files never moves
@@ -31,6 +39,10 @@ LazyDoc = tuple[str, Callable[[], str]]
 # Folders of the stdlib that are not library source: tests, the IDLE app (its prose is the
 # domain-shift text), installed packages and build configuration.
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "__pycache__"}
+# Site-packages folders that are not package source or docs, and the suffixes read there.
+_SITE_SKIP_DIRS = {"test", "tests", "__pycache__"}
+_SITE_SUFFIXES = {".py", ".md", ".rst", ".txt"}
+_OWN_PACKAGE = __name__.split(".")[0]  # this project's package: never its own training text
 _TEXT_SUFFIXES = {
     ".txt",
     ".md",
@@ -74,6 +86,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     source = cfg.source.strip()
     if source == "stdlib":
         return _split_and_cap("stdlib", stdlib_documents(), cfg)
+    if source == "python":
+        return _split_and_cap("python", python_documents(), cfg)
     path = Path(source).expanduser()
     if path.is_dir():
         return _split_and_cap(path.name or source, _folder_documents(path, cfg.text_field), cfg)
@@ -115,6 +129,36 @@ def _stdlib_source_files(root: Path) -> list[str]:
             if rel != "pydoc_data/topics.py":  # added topic by topic instead
                 rels.append(rel)
     return sorted(rels)
+
+
+def python_documents(site_root: str | Path | None = None) -> list[LazyDoc]:
+    """`stdlib_documents()` unchanged, then the pure-Python packages' source and docs ("site-packages/<rel>")."""
+    return stdlib_documents() + site_packages_documents(site_root)
+
+
+def site_packages_documents(root: str | Path | None = None) -> list[LazyDoc]:
+    """The .py / .md / .rst / .txt files under `root` (default: purelib), sorted, keyed "site-packages/<rel>".
+
+    Left out: tests folders, __pycache__, *.dist-info / *.egg-info, hidden folders, and this
+    project's own package (its folder, or an editable install's `__editable__*` finder and .pth).
+    """
+    root = Path(root if root is not None else sysconfig.get_paths()["purelib"])
+    rels: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        top = Path(dirpath) == root
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d not in _SITE_SKIP_DIRS
+            and not d.startswith(".")
+            and not d.endswith((".dist-info", ".egg-info"))
+            and not (top and (d == _OWN_PACKAGE or d.startswith("__editable__")))
+        ]
+        for name in filenames:
+            if Path(name).suffix not in _SITE_SUFFIXES or (top and name.startswith("__editable__")):
+                continue
+            rels.append(Path(dirpath, name).relative_to(root).as_posix())
+    return [(f"site-packages/{rel}", _file_reader(root / rel)) for rel in sorted(rels)]
 
 
 def _pydoc_topics() -> dict[str, str]:
@@ -294,18 +338,29 @@ def stable_fraction(key: str) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def _split_and_cap(name: str, docs: list[LazyDoc], cfg: DataConfig) -> Corpus:
-    if not docs:
-        raise UserError(f"The corpus '{name}' holds no documents; pass a source with some text in it.")
-    if len(docs) == 1:
-        return _split_single(name, docs[0][1](), cfg)
-    is_val = {key: stable_fraction(key) < cfg.val_fraction for key, _ in docs}
-    # Both splits need a document; when the hash gives one split nothing, move the document whose
-    # hash is nearest the boundary (deterministic, and only happens for tiny corpora).
-    if not any(is_val.values()):
+def document_splits(keys: Iterable[str], val_fraction: float) -> dict[str, bool]:
+    """key -> whether its document is val: `stable_fraction(key) < val_fraction`, a function of the key alone.
+
+    Both splits need a document; when the hash gives one split nothing, the document whose hash is
+    nearest the boundary moves (deterministic, and only happens for tiny corpora).
+    """
+    is_val = {key: stable_fraction(key) < val_fraction for key in keys}
+    if is_val and not any(is_val.values()):
         is_val[min(is_val, key=stable_fraction)] = True
-    elif all(is_val.values()):
+    elif is_val and all(is_val.values()):
         is_val[max(is_val, key=stable_fraction)] = False
+    return is_val
+
+
+def pick_documents(
+    docs: list[LazyDoc], cfg: DataConfig
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, val) lists of (key, text) under the `max_chars` cap, each sorted by key.
+
+    Documents are read in a seeded hash order until each split's budget is spent, so a small cap
+    samples the whole source; blank documents are skipped and the last one taken is cut to fit.
+    """
+    is_val = document_splits((key for key, _ in docs), cfg.val_fraction)
     budget = {
         False: int(cfg.max_chars * (1 - cfg.val_fraction)),
         True: max(1, int(cfg.max_chars * cfg.val_fraction)),
@@ -324,8 +379,17 @@ def _split_and_cap(name: str, docs: list[LazyDoc], cfg: DataConfig) -> Corpus:
         budget[split] -= len(text)
         picked[split].append((key, text))
     # Keep the corpus order sorted by key, so file order is deterministic and readable.
-    train = [t for _, t in sorted(picked[False])]
-    val = [t for _, t in sorted(picked[True])]
+    return sorted(picked[False]), sorted(picked[True])
+
+
+def _split_and_cap(name: str, docs: list[LazyDoc], cfg: DataConfig) -> Corpus:
+    if not docs:
+        raise UserError(f"The corpus '{name}' holds no documents; pass a source with some text in it.")
+    if len(docs) == 1:
+        return _split_single(name, docs[0][1](), cfg)
+    train_docs, val_docs = pick_documents(docs, cfg)
+    train = [t for _, t in train_docs]
+    val = [t for _, t in val_docs]
     if not train and not val:
         raise UserError(
             f"The corpus '{name}' is empty (only blank documents); pass a source with some text in it."
