@@ -229,3 +229,64 @@ def test_rank_capacity_lets_a_cold_expert_lend_its_room_to_its_hot_neighbour():
 def test_groups_must_name_one_group_per_expert():
     with pytest.raises(ValueError, match="one group per expert"):
         plan_routing(random_routing(0), "drop", 4, groups=torch.tensor([0, 1]))
+
+
+# --- expanded drop (Capacity-Aware Inference) ------------------------------------------------------
+
+from moe_understudy.runtime.policies import expanded_candidates  # noqa: E402
+
+TOKEN_DEVICE = torch.arange(64) * 4 // 64  # 64 tokens over 4 devices, contiguous
+EXPERT_DEVICE = torch.arange(8) * 4 // 8  # 8 experts over 4 devices, contiguous
+
+
+def test_expanded_drop_with_room_for_everything_equals_full():
+    r = random_routing(0)
+    plan = plan_routing(r, "expanded_drop", capacity=10_000, priority="score")
+    assert plan.expert_served.all() and torch.equal(plan.indices, r.indices)
+    assert torch.equal(plan.weights, r.weights)
+
+
+def test_expanded_candidates_are_the_best_local_experts_outside_the_top_k():
+    r = random_routing(1, skew=3.0)
+    idx, w = expanded_candidates(r, m=1, token_device=TOKEN_DEVICE, expert_device=EXPERT_DEVICE)
+    probs = torch.softmax(r.logits, -1)
+    for t in range(64):
+        local = [e for e in range(8) if EXPERT_DEVICE[e] == TOKEN_DEVICE[t] and e not in r.indices[t]]
+        if not local:
+            assert int(idx[t, 0]) == 8 and float(w[t, 0]) == 0.0
+            continue
+        best = max(local, key=lambda e: float(probs[t, e]))
+        assert int(idx[t, 0]) == best
+        # the weight the family would give it inside the top-k (top-k weights sum to 1 here)
+        assert float(w[t, 0]) == pytest.approx(float(probs[t, best] / probs[t, r.indices[t]].sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["expanded_drop", "expanded_shadow"])
+@pytest.mark.parametrize("cf", [0.5, 1.0, 1.5])
+def test_expanded_policies_reroute_only_to_local_experts_and_keep_at_most_k(policy, cf):
+    for seed in range(3):
+        r = random_routing(seed, skew=3.0)
+        cand = expanded_candidates(r, m=2, token_device=TOKEN_DEVICE, expert_device=EXPERT_DEVICE)
+        cap = expert_capacity(64, 2, 8, cf)
+        plan = plan_routing(r, policy, cap, "score", candidates=cand)
+        moved = plan.indices != r.indices
+        assert (plan.expert_served[moved]).all()
+        assert (EXPERT_DEVICE[plan.indices[moved]] == TOKEN_DEVICE[:, None].expand(64, 2)[moved]).all()
+        assert int(plan.served_per_expert(8).max()) <= cap
+        fates = plan.expert_served.int() + plan.shadow_served.int() + plan.dropped.int()
+        assert (fates == 1).all()  # k slots per token, each with one fate: never more than k experts
+        if policy == "expanded_shadow":
+            assert not plan.dropped.any()
+            lost = plan.shadow_served
+            assert torch.equal(plan.indices[lost], r.indices[lost])  # the stand-in serves the original expert
+            assert torch.equal(plan.weights[lost], r.weights[lost])
+
+
+def test_expanded_drop_loses_fewer_assignments_than_token_drop_under_skew():
+    r = random_routing(2, skew=3.0)
+    cand = expanded_candidates(r, m=1, token_device=TOKEN_DEVICE, expert_device=EXPERT_DEVICE)
+    cap = expert_capacity(64, 2, 8, 1.0)
+    expanded = plan_routing(r, "expanded_drop", cap, "score", candidates=cand)
+    dropped = plan_routing(r, "drop", cap, "score")
+    assert 0 < int(expanded.dropped.sum()) < int(dropped.dropped.sum())
+    assert int(expanded.expert_served.sum()) > int(dropped.expert_served.sum())
