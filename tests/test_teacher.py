@@ -126,3 +126,104 @@ def test_joint_understudies_train_alongside_without_changing_the_teacher(tmp_pat
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     understudies = load_understudies(tmp_path / "joint" / "understudies", joint)
     assert sorted(understudies) == [layer.index for layer in find_moe_layers(joint)]
+
+
+def test_metrics_report_imbalance_and_the_hottest_experts_share_per_layer(tmp_path, corpus_dir):
+    out = tmp_path / "t"
+    train_teacher(quick_cfg(corpus_dir, steps=8), out)
+    load = json.loads((out / "metrics.json").read_text())["expert_load"]
+    counts = torch.tensor(load["tokens_per_expert"], dtype=torch.float64)
+    assert len(load["max_over_mean_pooled"]) == len(load["hottest_expert_share"]) == 2
+    expected = counts.max(dim=1).values / counts.sum(dim=1)
+    assert load["hottest_expert_share"] == pytest.approx(expected.tolist(), abs=1e-4)
+    num_experts = counts.shape[1]
+    for share, ratio in zip(load["hottest_expert_share"], load["max_over_mean_pooled"], strict=True):
+        assert 1 / num_experts <= share <= 1
+        assert share == pytest.approx(ratio / num_experts, abs=1e-3)
+
+
+def _snapshot_cfg(steps=12):
+    cfg = TeacherConfig.quick()
+    return cfg.replace(
+        data=cfg.data.replace(max_chars=60_000, vocab_size=300, block_size=32),
+        steps=steps,
+        batch_size=4,
+        warmup=2,
+        eval_every=6,
+        save_at=(3, 8),
+    )
+
+
+def test_save_at_writes_reopenable_snapshots_with_their_perplexity(tmp_path):
+    out = tmp_path / "t"
+    cfg = _snapshot_cfg()
+    train_teacher(cfg, out)
+    final = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer_files = sorted(p.name for p in out.iterdir() if p.name.startswith("tokenizer"))
+    assert "tokenizer.json" in tokenizer_files
+    snapshots = {}
+    for step in (3, 8):
+        snap = teacher_mod.snapshot_dir(out, step)
+        assert snap == out / f"at-{step}"
+        model = AutoModelForCausalLM.from_pretrained(snap)
+        assert len(find_moe_layers(model)) == len(find_moe_layers(final))
+        for name in tokenizer_files:
+            assert (snap / name).read_bytes() == (out / name).read_bytes(), name
+        _, tokenizer = load_model_and_tokenizer(snap)
+        assert tokenizer.decode(tokenizer("x = 1")["input_ids"]) == "x = 1"
+        metrics = json.loads((snap / "metrics.json").read_text())
+        assert metrics["step"] == step and metrics["train_tokens"] == step * 4 * 32
+        assert 1 < metrics["val_perplexity"] < 300
+        snapshots[step] = model.state_dict()
+    assert not list(out.glob("*.tmp"))
+    # Different training lengths, different weights.
+    key = next(k for k in snapshots[3] if "experts" in k)
+    assert not snapshots[3][key].equal(snapshots[8][key])
+    assert not snapshots[8][key].equal(final.state_dict()[key])
+
+
+def test_resume_keeps_existing_snapshots_and_writes_the_missing_ones(tmp_path, monkeypatch):
+    cfg = _snapshot_cfg()
+    straight = tmp_path / "straight"
+    train_teacher(cfg, straight)
+
+    out = tmp_path / "interrupted"
+    real_lr = teacher_mod.learning_rate
+
+    def crash_at_step_7(step, c):  # step 7 is the 8th: after at-3 and the step-6 checkpoint
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_lr(step, c)
+
+    monkeypatch.setattr(teacher_mod, "learning_rate", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(cfg, out)
+    monkeypatch.setattr(teacher_mod, "learning_rate", real_lr)
+    assert (out / "at-3" / "config.json").exists() and not (out / "at-8").exists()
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "at-3").iterdir()}
+
+    saved = []
+    real_save = teacher_mod._save_snapshot
+    monkeypatch.setattr(
+        teacher_mod,
+        "_save_snapshot",
+        lambda model, tok, step, *a: saved.append(step) or real_save(model, tok, step, *a),
+    )
+    train_teacher(TeacherConfig.from_yaml(out / "teacher.yaml"), out, resume=True)  # the same save_at
+    assert saved == [8]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "at-3").iterdir()} == written
+    for step in (3, 8):
+        for tok_file in out.glob("tokenizer*"):
+            assert (out / f"at-{step}" / tok_file.name).read_bytes() == tok_file.read_bytes()
+        a = AutoModelForCausalLM.from_pretrained(straight / f"at-{step}").state_dict()
+        b = AutoModelForCausalLM.from_pretrained(out / f"at-{step}").state_dict()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_save_at_outside_the_run_is_refused():
+    with pytest.raises(ValueError, match="save_at"):
+        TeacherConfig(steps=10, save_at=(5, 11))
+    assert TeacherConfig(steps=10, save_at=(8, 4, 8)).save_at == (4, 8)
+    cfg = TeacherConfig(steps=10, save_at=(4, 8))
+    assert TeacherConfig.from_yaml(cfg.to_yaml()) == cfg

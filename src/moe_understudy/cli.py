@@ -56,12 +56,17 @@ def teacher(
         Path, typer.Option(help="Run folder: checkpoints, tokenizer and the final save_pretrained model.")
     ],
     preset: Annotated[
-        str, typer.Option(help="Model preset from moe/presets.py: mixtral, qwen3_moe or quick.")
+        str,
+        typer.Option(
+            help="Model preset from moe/presets.py: mixtral, qwen3_moe, fine (64 experts of 64, top-8) or quick."
+        ),
     ] = "mixtral",
     data: Annotated[
         str | None,
         typer.Option(
-            help="Corpus: 'stdlib' (this Python's standard library, the default), a file, folder, .jsonl or a datasets name."
+            help="Corpus: 'stdlib' (this Python's standard library, the default), 'python' (the stdlib documents "
+            "under the same keys and splits, plus the source and docs of the installed pure-Python packages), "
+            "a file, folder, .jsonl or a datasets name."
         ),
     ] = None,
     steps: Annotated[
@@ -84,6 +89,13 @@ def teacher(
         str | None,
         typer.Option(
             help="Also train understudies of this arch (dense, lowrank, ...) jointly, on a detached loss."
+        ),
+    ] = None,
+    save_at: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated steps (e.g. 1000,2000) after which a full save_pretrained model + tokenizer "
+            "and its held-out perplexity go to OUT/at-STEP/ (kept on --resume)."
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -113,18 +125,22 @@ def teacher(
             max_chars=max_chars,
         ),
     )
-    cfg = base.replace(
-        data=data_cfg,
-        preset="quick" if quick and preset == "mixtral" else preset,
-        seed=seed,
-        **_given(
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            eval_every=eval_every,
-            joint_understudy=joint_understudy,
-        ),
-    )
+    try:
+        cfg = base.replace(
+            data=data_cfg,
+            preset="quick" if quick and preset == "mixtral" else preset,
+            seed=seed,
+            **_given(
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                eval_every=eval_every,
+                joint_understudy=joint_understudy,
+                save_at=_split(save_at, int, "--save-at steps"),
+            ),
+        )
+    except ValueError as err:
+        raise UserError(f"{err} Pass values that fit the run.") from err
     result = train_teacher(cfg, out, resume=resume, console=console)
     console.print(
         f"[bold green]teacher saved to {result.out_dir}[/]: held-out perplexity {result.val_perplexity:.2f}, "

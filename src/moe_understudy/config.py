@@ -69,7 +69,7 @@ def _coerce(hint: Any, value: Any) -> Any:
 class DataConfig(StageConfig):
     """Where text comes from and how it becomes token blocks."""
 
-    source: str = "stdlib"  # "stdlib", a file/folder of .txt/.py/.md/.jsonl, or a datasets name
+    source: str = "stdlib"  # "stdlib", "python" (stdlib + site-packages), a file/folder, or a datasets name
     text_field: str = "text"  # field holding text in jsonl / datasets rows
     block_size: int = 128  # tokens per packed training block
     val_fraction: float = 0.05  # fraction of files held out for validation (split by file)
@@ -106,10 +106,15 @@ class TeacherConfig(StageConfig):
     joint_understudy: str | None = None  # understudy arch trained jointly (detached aux loss), or None
     joint_weight: float = 1.0  # weight of the joint understudy loss
     seed: int = 0
+    save_at: tuple[int, ...] = ()  # steps after which a full save_pretrained snapshot goes to OUT/at-STEP/
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive.")
+        bad = [s for s in self.save_at if not 0 < int(s) <= self.steps]
+        if bad:
+            raise ValueError(f"save_at steps must be in 1..steps ({self.steps}), got {bad}.")
+        object.__setattr__(self, "save_at", tuple(sorted({int(s) for s in self.save_at})))
 
     @classmethod
     def quick(cls) -> TeacherConfig:

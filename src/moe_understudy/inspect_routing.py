@@ -36,6 +36,11 @@ class LoadStats:
         """(L,) mean over batches of the per-batch max/mean load."""
         return self.batch_ratios.mean(dim=1)
 
+    def hottest_share(self) -> torch.Tensor:
+        """(L,) fraction of all assignments of each layer that go to its most-loaded expert (pooled)."""
+        c = self.counts.float()
+        return c.max(dim=-1).values / c.sum(dim=-1).clamp_min(1e-12)
+
     def entropy(self) -> torch.Tensor:
         """(L,) entropy (nats) of the pooled expert-usage distribution; log(E) is perfectly even."""
         return usage_entropy(self.counts)
@@ -46,6 +51,7 @@ class LoadStats:
             "tokens_per_expert": self.counts.tolist(),
             "max_over_mean_pooled": [round(v, 4) for v in self.max_over_mean().tolist()],
             "max_over_mean_per_batch": [round(v, 4) for v in self.mean_batch_ratio().tolist()],
+            "hottest_expert_share": [round(v, 4) for v in self.hottest_share().tolist()],
             "entropy": [round(v, 4) for v in self.entropy().tolist()],
         }
 

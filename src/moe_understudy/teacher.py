@@ -5,6 +5,8 @@ Run folder layout (`out_dir`):
   tokenizer files        BPE trained on the corpus (or the tokenizer given), transformers format
   blocks.pt              packed train/val token blocks, so a resumed run sees identical data
   checkpoint/            last periodic checkpoint: model.safetensors + state.pt (optimiser, step, RNG)
+  at-STEP/               with `save_at`: the `save_pretrained` model + tokenizer when step STEP completed,
+                         and its metrics.json (held-out perplexity then); written once, kept on resume
   config.json, model.safetensors   the final `save_pretrained` model (written at the end)
   metrics.json           held-out perplexity, tokens/s, expert-load imbalance, timings
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,12 @@ from moe_understudy.inspect_routing import routing_load
 from moe_understudy.moe.presets import build_model, preset_config
 
 CHECKPOINT_DIR = "checkpoint"
+SNAPSHOT_PREFIX = "at-"
+
+
+def snapshot_dir(out_dir: str | Path, step: int) -> Path:
+    """Where the `save_at` snapshot of step `step` lives: OUT/at-STEP/."""
+    return Path(out_dir) / f"{SNAPSHOT_PREFIX}{step}"
 
 
 @dataclass(frozen=True)
@@ -145,9 +154,38 @@ def _load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, out_dir
     return int(state["step"]), state
 
 
+def _save_snapshot(
+    model: nn.Module, tokenizer, step: int, metrics: dict, out_dir: Path, console: Console
+) -> None:
+    """OUT/at-STEP/: model and tokenizer (`save_pretrained`) + metrics.json, renamed into place when complete."""
+    final = snapshot_dir(out_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():  # left by a crash mid-write
+        for f in tmp.iterdir():
+            f.unlink()
+    model.save_pretrained(tmp)
+    _save_run_tokenizer(tokenizer, tmp, out_dir)
+    (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+    os.replace(tmp, final)
+    console.log(f"step {step}: snapshot saved to {final}")
+
+
+def _save_run_tokenizer(tokenizer, dest: Path, out_dir: Path) -> None:
+    """`tokenizer.save_pretrained(dest)`, each file then replaced by the run folder's copy where it has one.
+
+    A tokenizer reloaded on resume saves a slightly different tokenizer_config.json; copying keeps
+    every snapshot's tokenizer files byte-identical to the run's.
+    """
+    for saved in tokenizer.save_pretrained(str(dest)):
+        source = out_dir / Path(saved).name
+        if source.is_file():
+            shutil.copyfile(source, saved)
+
+
 def _check_resume_config(cfg: TeacherConfig, out_dir: Path) -> None:
     saved = TeacherConfig.from_yaml(out_dir / "teacher.yaml")
-    if saved.replace(steps=cfg.steps, eval_every=cfg.eval_every) != cfg:
+    # steps, eval_every and save_at change what is written and when, not the training itself.
+    if saved.replace(steps=cfg.steps, eval_every=cfg.eval_every, save_at=cfg.save_at) != cfg:
         raise UserError(
             f"{out_dir} holds a run with a different configuration; resume with the same options "
             f"(see {out_dir / 'teacher.yaml'}) or choose a new --out."
@@ -189,6 +227,13 @@ def train_teacher(
         if joint is not None and "joint" in state:
             joint.load_state_dict(state["joint"])
         console.print(f"resuming from step {start} ({out_dir / CHECKPOINT_DIR})")
+        missed = [
+            s for s in cfg.save_at if s <= start and not (snapshot_dir(out_dir, s) / "config.json").exists()
+        ]
+        if missed:
+            console.print(
+                f"[yellow]save_at steps {', '.join(map(str, missed))} passed before this checkpoint; no snapshot for them.[/]"
+            )
 
     tokens_per_step = cfg.batch_size * cfg.data.block_size
     val_ppl = float("nan")
@@ -231,7 +276,8 @@ def train_teacher(
             done = step + 1
             run_time = elapsed + time.perf_counter() - t0
             tps = (done - start) * tokens_per_step / max(1e-9, time.perf_counter() - t0)
-            if done % cfg.eval_every == 0 or done == cfg.steps:
+            evaluated = done % cfg.eval_every == 0 or done == cfg.steps
+            if evaluated:
                 val_ppl = perplexity(model, val_blocks, cfg.batch_size)
                 extra = {"elapsed": run_time, "val_ppl": val_ppl}
                 if joint is not None:
@@ -240,12 +286,21 @@ def train_teacher(
                 progress.console.log(
                     f"step {done}/{cfg.steps}: loss {out.loss.item():.3f}, held-out perplexity {val_ppl:.2f}, checkpoint saved"
                 )
+            if done in cfg.save_at and not (snapshot_dir(out_dir, done) / "config.json").exists():
+                snap_ppl = val_ppl if evaluated else perplexity(model, val_blocks, cfg.batch_size)
+                snap_metrics = {
+                    "val_perplexity": round(snap_ppl, 3),
+                    "train_tokens": done * tokens_per_step,
+                    "train_seconds": round(run_time, 1),
+                }
+                _save_snapshot(model, tokenizer, done, snap_metrics, out_dir, progress.console)
             progress.update(task, completed=done, loss=out.loss.item(), ppl=val_ppl, tps=tps)
     train_seconds = elapsed + time.perf_counter() - t0
 
     model.eval()
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if not (out_dir / "tokenizer_config.json").exists():  # the run's files, written when data was prepared
+        tokenizer.save_pretrained(out_dir)
     if joint is not None:
         joint.save(out_dir / "understudies")
     with console.status("measuring expert load on held-out text"):
