@@ -80,3 +80,46 @@ def test_load_balancing_loss_has_a_gradient_through_the_gate_probabilities():
     logits = torch.randn(16, 4, requires_grad=True)
     losses.load_balancing_loss(logits, logits.topk(2).indices).backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_averaged_divergence_is_the_mean_of_the_per_pass_divergences():
+    student = torch.randn(6, 9)
+    passes = [torch.randn(6, 9) for _ in range(3)]
+    mask = torch.tensor([True, True, False, True, True, True])
+    for name in losses.DIVERGENCES:
+        expected = sum(losses.divergence(name, student, t, mask) for t in passes) / 3
+        torch.testing.assert_close(losses.averaged_divergence(name, student, passes, mask), expected)
+
+
+def test_averaged_forward_kl_has_the_gradient_of_kl_to_the_averaged_teacher():
+    student = torch.randn(5, 7, requires_grad=True)
+    passes = [torch.randn(5, 7) for _ in range(4)]
+    losses.averaged_divergence("fkl", student, passes).backward()
+    averaged_grad = student.grad.clone()
+    student.grad = None
+    mean_p = torch.stack([torch.softmax(t, -1) for t in passes]).mean(0)
+    losses.forward_kl(student, mean_p.log()).backward()
+    torch.testing.assert_close(averaged_grad, student.grad)
+
+
+def test_router_probs_match_the_adapters_routing_probs_for_both_scoring_functions():
+    from moe_understudy.moe.adapters import Routing
+
+    logits = torch.randn(5, 8)
+    idx = logits.topk(2).indices
+    for scores in ("softmax", "sigmoid"):
+        expected = Routing(logits, idx.float(), idx, scores=scores).probs()
+        torch.testing.assert_close(losses.router_probs(logits, scores), expected)
+
+
+def test_load_balancing_loss_uses_the_given_scoring_function():
+    logits = torch.randn(32, 8) * 3
+    idx = logits.topk(2).indices
+    sig = torch.sigmoid(logits)
+    importance = (sig / sig.sum(-1, keepdim=True)).sum(0)
+    counts = torch.bincount(idx.reshape(-1), minlength=8).float()
+    cv2 = lambda x: x.var(unbiased=False) / x.mean() ** 2  # noqa: E731
+    expected = cv2(counts) + cv2(importance)
+    got = losses.load_balancing_loss(logits, idx, scores="sigmoid")
+    assert abs(got.item() - expected.item()) < 1e-5
+    assert abs(got.item() - losses.load_balancing_loss(logits, idx).item()) > 1e-3

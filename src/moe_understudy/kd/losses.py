@@ -17,6 +17,7 @@ Divergences (per token, summed over the vocabulary / experts):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,28 @@ def divergence(
     return DIVERGENCES[name](student_logits, teacher_logits, mask)
 
 
+def averaged_divergence(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: Sequence[torch.Tensor],
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over M teacher passes of `divergence(name, student, teacher_m)`: KA's one objective per step.
+
+    This averages the M *losses* (not the M teacher distributions), as EEM's public code does
+    (finetune.py / finetune_gkd.py: `distil_loss += ...` per repeat, then `distil_loss /= num_repeats`,
+    one backward). For forward KL this has the same gradient as KL(mean_m p_m || q); for reverse KL
+    it equals KL(q || g) up to a constant, g the normalised geometric mean of the p_m, which is not
+    the same as matching the averaged distribution.
+    """
+    if not teacher_logits:
+        raise ValueError("averaged_divergence needs at least one teacher pass.")
+    total = divergence(name, student_logits, teacher_logits[0], mask)
+    for t in teacher_logits[1:]:
+        total = total + divergence(name, student_logits, t, mask)
+    return total / len(teacher_logits)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of next-token `labels` (B, S) under `logits` (B, S, V) where `mask` (B, S) is set."""
     nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
@@ -135,16 +158,34 @@ def _cv_squared(x: torch.Tensor) -> torch.Tensor:
     return x.var(unbiased=False) / (mean * mean + 1e-10)
 
 
+def router_probs(router_logits: torch.Tensor, scores: str = "softmax") -> torch.Tensor:
+    """(T, E) fp32 expert probabilities under the router's own scoring function.
+
+    "softmax" (Mixtral, Qwen-MoE, ...) or "sigmoid" (DeepSeek-V3: sigmoid scores normalised to sum 1
+    per token); the same numbers as `moe.adapters.Routing.probs()` for a Routing with that `scores`.
+    """
+    if scores == "sigmoid":
+        s = torch.sigmoid(router_logits.float())
+        return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+    if scores == "softmax":
+        return torch.softmax(router_logits.float(), dim=-1)
+    raise ValueError(f"Unknown router scores {scores!r}; choose softmax or sigmoid.")
+
+
 def load_balancing_loss(
-    router_logits: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None
+    router_logits: torch.Tensor,
+    indices: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scores: str = "softmax",
 ) -> torch.Tensor:
     """CV(tokens per expert)^2 + CV(summed gate probability per expert)^2 (Shazeer et al. 2017, EEM SAR).
 
-    router_logits: (T, E); indices: (T, k) experts chosen per token; mask: (T,) tokens that count.
-    The token-count term has no gradient (counts are discrete); the probability term carries it.
+    router_logits: (T, E); indices: (T, k) experts chosen per token; mask: (T,) tokens that count;
+    scores: the router's own scoring function (`router_probs`): "sigmoid" for DeepSeek-V3, else
+    "softmax". The token-count term has no gradient (counts are discrete); the probability term carries it.
     """
     num_experts = router_logits.shape[-1]
-    probs = torch.softmax(router_logits.float(), dim=-1)
+    probs = router_probs(router_logits, scores)
     keep = (
         torch.ones(probs.shape[0], dtype=probs.dtype, device=probs.device) if mask is None else mask.to(probs)
     )
