@@ -1033,7 +1033,7 @@ def kd(
     method: Annotated[
         str | None,
         typer.Option(
-            help="kd (forward KL on dataset responses), gkd (reverse KL on student samples), all (teacher runs every expert), ka (Knowledge Augmentation), sar (Student-Aware Router), bdistill (MoE student: MC exploration + router distillation). Default kd."
+            help="kd (forward KL on dataset responses), gkd (reverse KL on student samples), all (teacher runs every expert), ka (Knowledge Augmentation: --ka-passes teacher passes per input, losses averaged into one update), sar (Student-Aware Router: a teacher-router step minimising KL(teacher || student) through the routers, the direction of EEM's finetune_sfr.py, mode-seeking toward what the student can fit, + load balancing under the router's own scores; then the student step), bdistill (MoE student: MC exploration + router distillation; our formulation from B-Distill's public abstract). Default kd."
         ),
     ] = None,
     student: Annotated[
@@ -1064,7 +1064,7 @@ def kd(
         int | None, typer.Option(help="Length of student-sampled responses (default 64).")
     ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Steps (default 300; KA makes --ka-passes student updates per step).")
+        int | None, typer.Option(help="Optimiser steps, one student update each, every method (default 300).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per step (default 8).")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak student learning rate (default 5e-4).")] = None,
@@ -1079,7 +1079,8 @@ def kd(
         ),
     ] = None,
     ka_passes: Annotated[
-        int | None, typer.Option(help="KA: teacher passes, each one student update, per step (default 2).")
+        int | None,
+        typer.Option(help="KA: teacher passes per input per step, averaged into one update (default 2)."),
     ] = None,
     sar_lr: Annotated[
         float | None, typer.Option(help="SAR: learning rate of the teacher-router optimiser (default 1e-4).")
@@ -1106,7 +1107,10 @@ def kd(
     seed: SeedOption = None,
     resume: ResumeOption = False,
     config: Annotated[
-        Path | None, typer.Option(help="Read options from a kd.yaml (flags given here override it).")
+        Path | None,
+        typer.Option(
+            help="Read options from a kd.yaml (flags given here override it); e.g. teacher_passes: M gives kd/gkd M x batch-size examples per step, KA's teacher forwards."
+        ),
     ] = None,
 ) -> None:
     """Distil a whole MoE teacher into a dense or smaller MoE student (KD, GKD, ALL, KA, SAR, B-Distill)."""

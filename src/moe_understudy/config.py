@@ -181,15 +181,19 @@ class KDConfig(StageConfig):
     max_prompt: int = 256  # prompt tokens kept (cut from the left)
     max_total: int = 512  # prompt + response tokens kept
     gen_max_new_tokens: int = 64  # length of student-sampled responses (on-policy)
-    steps: int = 300  # optimiser steps (KA takes `ka_passes` student updates per step)
-    batch_size: int = 8  # prompts per step
+    steps: int = 300  # optimiser steps; every method takes exactly one student update per step
+    batch_size: int = 8  # prompts per step (per teacher pass for kd/gkd with teacher_passes > 1)
     lr: float = 5e-4  # peak student learning rate (linear warm-up, cosine decay to 10%)
     warmup: int = 10
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ka_experts: int | None = None  # KA: experts active per teacher layer; None means N-1
     ka_lambda: float = 0.05  # KA: per-token probability of sampling the experts instead of top-(N-1)
-    ka_passes: int = 2  # KA: teacher passes (and student updates) per step, M in EEM
+    # KA: teacher passes per input per step (M in EEM), their losses averaged into one update
+    ka_passes: int = 2
+    # kd/gkd: teacher_passes x batch_size examples per step, one teacher pass each, the sub-batch
+    # losses averaged into one update: KA's teacher forwards and optimiser steps at ka_passes = this
+    teacher_passes: int = 1
     sar_lr: float = 1e-4  # SAR: learning rate of the teacher-router optimiser
     sar_beta: float = 0.01  # SAR: weight of the load-balancing loss in the router step
     explore_eps: float = 0.1  # B-Distill: uniform mixing of router probabilities for MC exploration
@@ -210,8 +214,14 @@ class KDConfig(StageConfig):
             )
         if not 0.0 <= self.ka_lambda <= 1.0 or not 0.0 <= self.explore_eps <= 1.0:
             raise ValueError("ka_lambda and explore_eps must lie in [0, 1].")
-        if self.ka_passes < 1 or (self.ka_experts is not None and self.ka_experts < 1):
-            raise ValueError("ka_passes and ka_experts must be at least 1.")
+        if min(self.ka_passes, self.teacher_passes) < 1 or (
+            self.ka_experts is not None and self.ka_experts < 1
+        ):
+            raise ValueError("ka_passes, teacher_passes and ka_experts must be at least 1.")
+        if self.teacher_passes > 1 and self.method not in ("kd", "gkd"):
+            raise ValueError(
+                f"teacher_passes applies to kd and gkd (KA's teacher passes are ka_passes), not to {self.method}."
+            )
         if self.gen_max_new_tokens < 1:
             raise ValueError("gen_max_new_tokens must be at least 1.")
 

@@ -106,3 +106,12 @@ def test_bad_options_are_one_sentence_errors(teacher_dir, tmp_path):
     assert bad_method.exit_code == 2 and "method must be one of" in bad_method.output
     bad_seeds = _run(f"rouge {teacher_dir} --data {teacher_dir.parent / 'data.jsonl'} --seeds a,b")
     assert bad_seeds.exit_code == 2 and "--seeds" in bad_seeds.output
+
+
+def test_kd_help_states_the_sar_kl_direction_and_the_b_distill_provenance():
+    result = runner.invoke(app, ["kd", "--help"], env={"COLUMNS": "400", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "KL(teacher || student)" in text and "finetune_sfr.py" in text
+    assert "our formulation from B-Distill's public abstract" in text
+    assert "averaged into one update" in text

@@ -53,3 +53,35 @@ def test_grouped_router_probabilities_sum_contiguous_teacher_experts():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
     grouped = grouped_router_log_probs(logits, student_experts=2).exp()
     torch.testing.assert_close(grouped, torch.tensor([[0.3, 0.7]]))
+
+
+def test_sar_balance_term_uses_deepseek_v3_sigmoid_scores_not_softmax():
+    from moe_understudy.kd import losses
+    from moe_understudy.kd.common import lm_logits
+    from moe_understudy.kd.teachers import RoutingRecorder, routing_mode
+    from moe_understudy.kd.trainer import router_scores
+
+    teacher = build_model(tiny_config("deepseek_v3", vocab_size=VOCAB), seed=0).requires_grad_(False)
+    student = build_model(preset_config("quick-student", VOCAB, max_positions=64), seed=1)
+    assert set(router_scores(teacher).values()) == {"sigmoid"}
+    with torch.no_grad():  # a freshly initialised router is near uniform; sharpen it so the scores differ
+        for p in router_parameters(teacher):
+            p.mul_(20.0)
+    batch = _batch()
+    rec = RoutingRecorder()
+    with torch.no_grad(), routing_mode(teacher, "all", rec):
+        lm_logits(teacher, batch["input_ids"], batch["attention_mask"])
+    tokens = batch["attention_mask"].reshape(-1).bool()
+
+    def balance(scores):
+        return torch.stack(
+            [
+                losses.load_balancing_loss(rec.logits(i), rec.native_indices(i), tokens, scores=scores)
+                for i in rec.layers()
+            ]
+        ).mean()
+
+    sigmoid, softmax = balance("sigmoid").item(), balance("softmax").item()
+    assert abs(sigmoid - softmax) > 1e-2  # the check below can tell the two apart
+    got = sar_router_step(teacher, student, batch, _router_optimizer(teacher), beta=0.01, vocab=VOCAB)
+    assert abs(got["balance"] - sigmoid) < 1e-5

@@ -4,6 +4,11 @@
 data and optimisers (and resumes), `train()` runs the steps with periodic validation ROUGE-L, keeps
 the best checkpoint (the model chosen by validation ROUGE-L is what lands in `out_dir`), and
 `cleanup()` writes the summary. Subclasses provide `_setup_models`, `_trainable` and `_train_step`.
+
+Compute is counted where it happens, never derived from the configuration: `counters` holds
+`optimizer_steps` (a post-step hook on the student optimiser) and `teacher_forwards` (sequences the
+distillation teacher ran a forward pass over; the KD recipe counts them with a forward hook, SFT has
+no teacher). They go into every history record, the checkpoint and the summary.
 """
 
 from __future__ import annotations
@@ -154,6 +159,7 @@ class InstructionRecipe:
         self.start_step = 0
         self.best_rouge = -math.inf
         self.history: list[dict] = []
+        self.counters: dict[str, int] = {"optimizer_steps": 0, "teacher_forwards": 0}
 
     # -- subclass hooks --
     def _setup_models(self) -> None:  # sets self.model (trained) and self.tokenizer
@@ -167,6 +173,13 @@ class InstructionRecipe:
 
     def _load_extra_state(self, state: dict) -> None:
         return None
+
+    def _examples_per_step(self) -> int:
+        """Training examples drawn per optimiser step (KD's teacher_passes draws more)."""
+        return self.cfg.batch_size
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
 
     # -- setup --
     def setup(self) -> InstructionRecipe:
@@ -186,6 +199,7 @@ class InstructionRecipe:
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
         )
+        self.optimizer.register_step_post_hook(lambda *_: self._count("optimizer_steps"))
         if self.resume and ckpt.exists():
             self._load_checkpoint(ckpt)
         cfg.to_yaml(self.out_dir / f"{self.kind}.yaml")
@@ -203,6 +217,7 @@ class InstructionRecipe:
         self.best_rouge = state["best_rouge"]
         self.history = state["history"]
         torch.random.set_rng_state(state["rng"])
+        self.counters.update(state.get("counters", {}))
         self._load_extra_state(state["extra"])
         self.console.print(
             f"resumed {self.kind} at step {self.start_step} (best val ROUGE-L {self.best_rouge:.2f})"
@@ -219,6 +234,7 @@ class InstructionRecipe:
             "best_rouge": self.best_rouge,
             "history": self.history,
             "rng": torch.random.get_rng_state(),
+            "counters": dict(self.counters),
             "extra": self._extra_state(),
         }
         atomic_torch_save(state, path / STATE_FILE)
@@ -245,9 +261,9 @@ class InstructionRecipe:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 terms = self._train_step(
-                    step, step_examples(self.train_examples, step, cfg.batch_size, cfg.seed)
+                    step, step_examples(self.train_examples, step, self._examples_per_step(), cfg.seed)
                 )
-                record = {"step": step + 1, "lr": lr, **terms}
+                record = {"step": step + 1, "lr": lr, **terms, **self.counters}
                 self.history.append(record)  # before the checkpoint, which stores the history
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                     record["val_rouge_l"] = self._evaluate_and_keep()
@@ -277,6 +293,7 @@ class InstructionRecipe:
             "config": self.cfg.to_dict(),
             "steps": self.cfg.steps,
             "best_val_rouge_l": None if math.isinf(self.best_rouge) else self.best_rouge,
+            **self.counters,
             "history": self.history,
         }
         (self.out_dir / f"{self.kind}_log.json").write_text(json.dumps(summary, indent=2))

@@ -9,17 +9,32 @@ D the divergence (forward KL for `kd`, reverse KL `sum q (log q - log p)` otherw
   dataset's responses instead, the off-policy variant).
 - ``all``:  as gkd, teacher runs every expert weighted by its full router softmax (router untouched).
 - ``ka``:   as gkd, teacher in Knowledge-Augmentation mode (N-1 experts, sampled with prob lambda);
-  M = `ka_passes` teacher passes per step, each giving one student update on the same responses.
+  M = `ka_passes` teacher passes over the same inputs per step, each with its own expert draws; the
+  M divergences are averaged (`losses.averaged_divergence`, as EEM's code divides the summed repeat
+  losses by M) into ONE backward and ONE optimiser step, so KA takes as many optimiser steps as KD.
 - ``sar``:  first a teacher-router step (only gate weights, own AdamW at `sar_lr`, all experts
   active): minimise KL(teacher || student) with the student fixed + beta * load-balancing loss;
-  then the student's D step against the teacher with all experts active under the updated router.
-- ``bdistill`` (MoE student): both models route by Monte-Carlo exploration (see kd/teachers.py);
+  then the student's D step against the teacher with all experts active under the updated router
+  (see `sar_router_step` for the KL direction and its source).
+- ``bdistill`` (MoE student; our formulation from B-Distill's public abstract):
+  both models route by Monte-Carlo exploration (see kd/teachers.py);
   loss = D + router_kl_weight * sum_l KL(P_T,l || q_S,l) + entropy_weight * sum_l floor_l, where for
   student MoE layer l the aligned teacher layer is floor(l * L_T / L_S), P_T,l groups the teacher's E_T
   router probabilities into the student's E_S experts by contiguous blocks (teacher expert e counts for
   student expert floor(e * E_S / E_T)), q_S,l is the student router softmax, and
   floor_l = mean_t relu(entropy_floor * log E_S - H(q_S,l,t))^2 penalises routers that concentrate
   below the floor. Means run over attended tokens.
+
+Compute matching. `teacher_passes` = M > 1 (kd, gkd) draws M x batch_size examples per step, runs
+the teacher once over each of the M sub-batches and averages the M sub-batch losses into one update:
+the same optimiser steps and the same teacher forwards as KA with ka_passes = M (M x batch_size
+sequences per step), spent on M times as many distinct inputs instead of M expert draws of the
+same ones (so the student also does M times KA's forward/backward, and gkd M times the sampling).
+For a deterministic teacher, M passes over the *same* inputs would only repeat one result, which
+is why the extra passes go to new inputs. Counts are taken where they happen (`counters`):
+`optimizer_steps` by a hook on the student optimiser, `teacher_forwards` (sequences) by a forward
+hook on the teacher, `router_optimizer_steps` (SAR) where the router optimiser steps. A teacher
+forward is counted whatever it costs: ALL and SAR run all N experts and KA N-1, native routing top-k.
 """
 
 from __future__ import annotations
@@ -63,6 +78,21 @@ def _selected(logits: torch.Tensor, target: torch.Tensor, vocab: int) -> torch.T
     return logits[:, :-1][target][:, :vocab]
 
 
+def router_scores(teacher: torch.nn.Module) -> dict[int, str]:
+    """Layer index -> the router's own scoring function ("softmax", or "sigmoid" for DeepSeek-V3).
+
+    Read from the adapter's `Routing.scores` of one routing call on a zero token per layer.
+    """
+    out = {}
+    for layer in find_moe_layers(teacher):
+        w = next(layer.block.gate.parameters())
+        with torch.no_grad():
+            out[layer.index] = layer.route(
+                torch.zeros(1, layer.hidden_size, dtype=w.dtype, device=w.device)
+            ).scores
+    return out
+
+
 def sar_router_step(
     teacher: torch.nn.Module,
     student: torch.nn.Module,
@@ -73,9 +103,20 @@ def sar_router_step(
 ) -> dict[str, float]:
     """SAR router step: with all experts active, move only the teacher's routers toward the fixed student.
 
-    loss = KL(teacher || student) over target tokens + beta * mean over layers of the load-balancing loss
-    (on the router's native top-k). `router_optimizer` must hold the router parameters only; every
-    other teacher parameter is expected frozen (requires_grad False), the student is not touched.
+    loss = KL(p_teacher || q_student) = sum p_T (log p_T - log q_S) over target tokens, gradient
+    through the teacher's routers only (student logits detached), + beta * mean over layers of the
+    load-balancing loss (CV^2 of the native top-k counts + CV^2 of the summed router probabilities,
+    each router under its own scoring function: sigmoid for DeepSeek-V3, softmax otherwise).
+
+    Direction: the KL is taken from the distribution being trained (the all-expert teacher) to the
+    fixed target (the student), i.e. mode-seeking for the teacher: its routers are pushed to put the
+    teacher's mass where the student already has mass, giving the student a target it can fit. This
+    follows EEM's public code (github.com/gmkim-ai/MoEKD, finetune_sfr.py, HEAD 87d62d1): its teacher
+    step calls get_distil_loss(..., is_teacher=True) with the default --teacher-kld-type "reverse",
+    which computes sum softmax(teacher) * (log_softmax(teacher) - log_softmax(student)), plus the
+    LLaMA-MoE gate's balance_loss (CV^2 of importance + load, weight 1e-2), on the student's samples.
+    `router_optimizer` must hold the router parameters only; every other teacher parameter is
+    expected frozen (requires_grad False), the student is not touched.
     """
     ids, att, target = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
     with torch.no_grad():
@@ -85,9 +126,12 @@ def sar_router_step(
         t_logits = _selected(lm_logits(teacher, ids, att), target, vocab)
     kl = losses.forward_kl(s_logits, t_logits)  # KL(teacher || student); gradient reaches the routers only
     tokens = att.reshape(-1).bool()
+    scores = router_scores(teacher)
     balance = torch.stack(
         [
-            losses.load_balancing_loss(rec.logits(layer), rec.native_indices(layer), tokens)
+            losses.load_balancing_loss(
+                rec.logits(layer), rec.native_indices(layer), tokens, scores=scores[layer]
+            )
             for layer in rec.layers()
         ]
     ).mean()
@@ -151,7 +195,20 @@ class KDRecipe(InstructionRecipe):
             for p in params:
                 p.requires_grad_(True)
             self.router_optimizer = torch.optim.AdamW(params, lr=cfg.sar_lr, weight_decay=0.0)
+            self.router_optimizer.register_step_post_hook(lambda *_: self._count("router_optimizer_steps"))
+            self.counters["router_optimizer_steps"] = 0
+        self.teacher.register_forward_hook(self._count_teacher_forward, with_kwargs=True)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)  # KA / exploration sampling
+
+    def _count_teacher_forward(self, module, args, kwargs, output) -> None:
+        """Forward hook: one teacher forward per sequence of the batch it ran on."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"]
+        self._count("teacher_forwards", int(ids.shape[0]))
+
+    def _examples_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.teacher_passes
 
     def _extra_state(self) -> dict:
         if self.router_optimizer is None:
@@ -217,12 +274,19 @@ class KDRecipe(InstructionRecipe):
         return _selected(logits, target, self.vocab)
 
     def _loss_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One student loss with each term separately (`loss` is their weighted sum)."""
+        """One student loss with each term separately (`loss` is their weighted sum).
+
+        KA runs the teacher `ka_passes` times over the batch (fresh expert draws each time) and
+        averages the divergences (`losses.averaged_divergence`); every other method runs it once.
+        """
         cfg: KDConfig = self.cfg
         ids, att, target = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
         t_rec = RoutingRecorder() if cfg.method == "bdistill" else None
-        with torch.no_grad(), self._teacher_context(t_rec):
-            t_logits = self._selected_logits(lm_logits(self.teacher, ids, att), target)
+        passes = cfg.ka_passes if cfg.method == "ka" else 1
+        t_passes = []
+        for _ in range(passes):
+            with torch.no_grad(), self._teacher_context(t_rec):
+                t_passes.append(self._selected_logits(lm_logits(self.teacher, ids, att), target))
         if cfg.method == "bdistill":
             s_rec = RoutingRecorder()
             with routing_mode(
@@ -231,7 +295,7 @@ class KDRecipe(InstructionRecipe):
                 s_logits = self._selected_logits(lm_logits(self.model, ids, att), target)
         else:
             s_logits = self._selected_logits(lm_logits(self.model, ids, att), target)
-        terms = {"distill": losses.divergence(cfg.loss_divergence, s_logits, t_logits)}
+        terms = {"distill": losses.averaged_divergence(cfg.loss_divergence, s_logits, t_passes)}
         loss = terms["distill"]
         if cfg.method == "bdistill":
             router_kl, floor = self._router_terms(t_rec, s_rec, att.reshape(-1).bool())
@@ -261,18 +325,24 @@ class KDRecipe(InstructionRecipe):
 
     # ---- one step -------------------------------------------------------------------------
     def _train_step(self, step: int, examples) -> dict[str, float]:
+        """One optimiser step. With teacher_passes = M the M sub-batches' losses are averaged
+        (gradients accumulated, each scaled by 1/M) before the single step."""
         cfg: KDConfig = self.cfg
-        batch = self._batch(examples)
+        m, b = cfg.teacher_passes, cfg.batch_size
         logged: dict[str, float] = {}
-        if cfg.method == "sar":
-            logged.update(self._router_step(batch))
-        for _ in range(cfg.ka_passes if cfg.method == "ka" else 1):
+        sums: dict[str, float] = {}
+        for i in range(m):
+            batch = self._batch(examples[i * b : (i + 1) * b])
+            if cfg.method == "sar":
+                logged.update(self._router_step(batch))
             terms = self._loss_step(batch)
-            terms["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        logged.update({k: float(v.detach()) for k, v in terms.items()})
+            (terms["loss"] / m).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / m
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        logged.update(sums)
         return logged
 
 
