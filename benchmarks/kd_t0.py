@@ -9,9 +9,18 @@ Pipeline (all stages resumable; intermediate models under --out-dir, default run
    (default `quick-moe-student`, for B-Distill), --student-steps each.
 5. From the dense student's SFT checkpoint: KD, GKD, ALL, KA, SAR for --kd-steps each;
    B-Distill from the MoE student's checkpoint. "student SFT" continues SFT for those same steps,
-   so every student row has seen the same number of optimiser steps.
+   so every student row has taken the same number of optimiser steps (one update per step for
+   every method; KA averages its M = --ka-passes teacher passes into that one update).
+   Compute-matched baselines: "KD (M=2 teacher forwards)" and "GKD (M=2 teacher forwards)" run
+   kd / gkd with teacher_passes = M: M x the batch per step, one teacher pass per sequence, the
+   sub-batch losses averaged into one update, i.e. KA's optimiser steps and teacher forwards (a
+   deterministic teacher run M times on the same inputs would only repeat itself, so the extra
+   forwards go to new inputs; the student then also does M x KA's forward/backward). Forwards
+   are counted, not FLOPs: KA's teacher runs N-1 experts, KD's its top-k.
 6. ROUGE-L F1 x100 by sampling (temperature 1, top-p 1, top-k 0) over seeds 10..50, on the first
    --test-examples of the 100 held-out examples per split.
+7. Every row carries `optimizer_steps` and `teacher_forwards` (sequences), read from its own run's
+   log, where the recipes count them as they happen (the shared student SFT before it is not in them).
 
 Run: .venv/bin/python benchmarks/kd_t0.py [--fast]   (--fast: a much shorter smoke run)
 Defaults reproduce the first (too small) run: quick-student, 250 teacher / 150 student SFT steps, 50 KD steps,
@@ -20,10 +29,13 @@ Defaults reproduce the first (too small) run: quick-student, 250 teacher / 150 s
       --out-dir runs/kd_t0_llama --reuse-teacher runs/kd_t0
 (--reuse-teacher copies the data split, tokenizer and trained teacher of an earlier run made with the same
 data settings, so the teacher is not retrained.)
-The committed results (about 53 minutes on 2 cores) come from a teacher 4x the student's active size:
+The committed results come from a teacher 4x the student's active size (about 53 minutes on 2 cores
+before the compute-matched rows; expect about 60-65 with them):
   .venv/bin/python benchmarks/kd_t0.py --teacher mixtral-large --teacher-steps 1500 --train 14000 --val 64 \
       --test-examples 200 --student llama-student --student-steps 800 --moe-student moe-student \
       --kd-steps 300 --out-dir runs/kd_t0_large
+--only kd,gkd,ka,kd_m,gkd_m trains just those KD rows (with student SFT and teacher SFT), enough to ask
+whether KA's gain over KD survives compute matching (about 40 minutes; results go to kd_t0_subset.json).
 """
 
 from __future__ import annotations
@@ -58,6 +70,7 @@ DATA = ROOT.parent / "shared" / "data" / "t0_mix.jsonl.gz"
 NAME = "kd_t0"
 SEEDS = (10, 20, 30, 40, 50)
 KD_METHODS = ("kd", "gkd", "all", "ka", "sar")
+ROW_KEYS = (*KD_METHODS, "kd_m", "gkd_m", "bdistill")  # what --only may name
 SPLITS = ("test_seen", "test_unseen")
 LEARNED_FLOOR = 5.0  # ROUGE-L below which no row has learned the tasks (label tasks score 0 or 100)
 # Sampled over SEEDS (the EEM/MiniLLM protocol) and greedy (one decode; far less noisy for small models).
@@ -97,8 +110,10 @@ def settings(fast: bool, args: argparse.Namespace | None = None) -> dict:
     )
     if fast:
         s.update(train=400, val=8, test=16, teacher_steps=20, student_steps=20, kd_steps=6)
+    s["ka_passes"] = KDConfig().ka_passes
     if args is not None:
         flags = dict(
+            ka_passes=args.ka_passes,
             train=args.train,
             val=args.val,
             test=args.test_examples,
@@ -195,8 +210,17 @@ def done(path: Path) -> bool:
     return (path / "model.safetensors").exists() and any(path.glob("*_log.json"))
 
 
-def train_all(run: Path, files: dict[str, Path], s: dict, console: Console) -> dict[str, Path]:
-    """Every model of the table, trained (or found trained) under `run`; returns row name -> folder."""
+def matched_name(method: str, m: int) -> str:
+    """Row name of `method` given KA's teacher forwards (teacher_passes = m)."""
+    return f"{method.upper()} (M={m} teacher forwards)"
+
+
+def train_all(
+    run: Path, files: dict[str, Path], s: dict, console: Console, only: set[str] | None = None
+) -> dict[str, Path]:
+    """The models of the table (all, or the KD rows in `only` plus both SFT rows), trained or found
+    trained under `run`; returns row name -> folder."""
+    wanted = set(ROW_KEYS) if only is None else only
     tok_dir = run / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
         train = load_instructions(files["train"])
@@ -258,13 +282,6 @@ def train_all(run: Path, files: dict[str, Path], s: dict, console: Console) -> d
         eval_every=max(1, s["student_steps"] // 4),
         **sft_kw,
     )
-    moe_student = sft(
-        "moe_student_sft0",
-        model=s["moe_student"],
-        steps=s["student_steps"],
-        eval_every=max(1, s["student_steps"] // 4),
-        **sft_kw,
-    )
     rows = {
         "student SFT": sft(
             "student_sft",
@@ -276,13 +293,36 @@ def train_all(run: Path, files: dict[str, Path], s: dict, console: Console) -> d
             warmup=10,
         ),
     }
+    m_passes = s["ka_passes"]
     for m in KD_METHODS:
+        if m not in wanted:
+            continue
+        # KA's folder names its averaged-update semantics: a kd_ka of an earlier run (one update per pass) is not reused.
+        folder = f"kd_ka_avg{m_passes}" if m == "ka" else f"kd_{m}"
+        extra = {"ka_passes": m_passes} if m == "ka" else {}
         rows[m.upper() if m != "all" else "ALL"] = kd(
-            f"kd_{m}", method=m, teacher=str(teacher), student=str(student)
+            folder, method=m, teacher=str(teacher), student=str(student), **extra
         )
-    rows["B-Distill (MoE student)"] = kd(
-        "kd_bdistill", method="bdistill", teacher=str(teacher), student=str(moe_student)
-    )
+    for m in ("kd", "gkd"):
+        if f"{m}_m" in wanted and m_passes > 1:
+            rows[matched_name(m, m_passes)] = kd(
+                f"kd_{m}_tp{m_passes}",
+                method=m,
+                teacher=str(teacher),
+                student=str(student),
+                teacher_passes=m_passes,
+            )
+    if "bdistill" in wanted:
+        moe_student = sft(
+            "moe_student_sft0",
+            model=s["moe_student"],
+            steps=s["student_steps"],
+            eval_every=max(1, s["student_steps"] // 4),
+            **sft_kw,
+        )
+        rows["B-Distill (MoE student)"] = kd(
+            "kd_bdistill", method="bdistill", teacher=str(teacher), student=str(moe_student)
+        )
     rows["teacher SFT"] = teacher
     (run / "timings.json").write_text(json.dumps({**_load(run / "timings.json"), **timings}, indent=2))
     return rows
@@ -292,11 +332,21 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def ledger(path: Path) -> dict:
+    """optimizer_steps and teacher_forwards as counted by the row's own run (None if its log predates them)."""
+    logs = sorted(path.glob("*_log.json"))
+    summary = json.loads(logs[0].read_text()) if logs else {}
+    return {k: summary.get(k) for k in ("optimizer_steps", "teacher_forwards")}
+
+
 def evaluate(rows: dict[str, Path], files: dict[str, Path], s: dict, run: Path, console: Console) -> dict:
-    """ROUGE-L mean/std over seeds for each row on seen and unseen templates (cached per row)."""
+    """ROUGE-L mean/std over seeds for each row on seen and unseen templates (cached per row and folder),
+    with the row's counted optimizer_steps and teacher_forwards."""
     cache = _load(run / "scores.json")
     tests = {k: load_instructions(files[k])[: s["test"]] for k in SPLITS}
     for row, path in rows.items():
+        if cache.get(row, {}).get("model") != str(path):
+            cache[row] = {"model": str(path)}  # scores of another folder under this name are not reused
         # Entries from before per-example scores were kept are rescored (paired comparisons need them).
         missing = [k for k in COLUMNS if "per_example" not in cache.get(row, {}).get(k, {})]
         if not missing:
@@ -316,7 +366,7 @@ def evaluate(rows: dict[str, Path], files: dict[str, Path], s: dict, run: Path, 
                 batch_size=100,
             ).summary()
             (run / "scores.json").write_text(json.dumps(cache, indent=2))
-    return {row: cache[row] for row in rows}
+    return {row: {**cache[row], **ledger(path)} for row, path in rows.items()}
 
 
 def paired_difference(a: dict, b: dict) -> tuple[float, float]:
@@ -325,41 +375,94 @@ def paired_difference(a: dict, b: dict) -> tuple[float, float]:
     return statistics.fmean(diffs), 1.96 * statistics.pstdev(diffs) / math.sqrt(len(diffs))
 
 
-def verdict(scores: dict) -> list[str]:
-    """Plain sentences: do KA and SAR beat KD and GKD, by how much, and is the gap beyond chance."""
+def _compare(scores: dict, new: str, base: str, split: str) -> tuple[str, bool, float]:
+    """One sentence on new - base in `split`; whether the gap is beyond the paired interval; the gap."""
+    diff, half = paired_difference(scores[new][split], scores[base][split])
+    beyond = abs(diff) > half
+    word = ("ahead of" if diff > 0 else "behind") if beyond else "within the interval of"
+    return (
+        f"{LABELS[split]}: {new} {word} {base}: {diff:+.2f} ROUGE-L "
+        f"({scores[new][split]['mean']:.2f} vs {scores[base][split]['mean']:.2f}; paired 95% interval "
+        f"±{half:.2f}{'' if beyond else ', no difference shown'}).",
+        beyond,
+        diff,
+    )
+
+
+def _compute(scores: dict, row: str) -> str:
+    n, f = scores[row].get("optimizer_steps"), scores[row].get("teacher_forwards")
+    return f"{row}: {'?' if n is None else n} optimizer steps, {'?' if f is None else f} teacher forwards"
+
+
+def verdict(scores: dict, m: int) -> list[str]:
+    """Plain sentences that say no more than the paired intervals and the counted compute show."""
     lines = []
-    for split in COLUMNS:
-        for new in ("KA", "SAR"):
-            for base in ("KD", "GKD"):
-                diff, half = paired_difference(scores[new][split], scores[base][split])
-                word = "beats" if diff > 0.005 else "trails" if diff < -0.005 else "ties"
-                lines.append(
-                    f"{LABELS[split]}: {new} {word} {base} by {abs(diff):.2f} ROUGE-L "
-                    f"({scores[new][split]['mean']:.2f} vs {scores[base][split]['mean']:.2f}; paired 95% "
-                    f"interval ±{half:.2f}, {'significant' if abs(diff) > half else 'not significant'})."
-                )
+    bases = [b for b in ("KD", "GKD", matched_name("kd", m), matched_name("gkd", m)) if b in scores]
+    pairs = [(new, base) for new in ("KA", "SAR") if new in scores for base in bases]
+    for new, base in pairs:
+        a, b = scores[new], scores[base]
+        same = (a.get("optimizer_steps"), a.get("teacher_forwards")) == (
+            b.get("optimizer_steps"),
+            b.get("teacher_forwards"),
+        )
+        lines.append(
+            f"Compute, {new} vs {base}: {_compute(scores, new)}; {_compute(scores, base)}: "
+            + (
+                "the same counted optimizer steps and teacher forwards."
+                if same and a.get("teacher_forwards") is not None
+                else "not matched in these counts."
+            )
+        )
+        for split in COLUMNS:
+            lines.append(_compare(scores, new, base, split)[0])
+    n_tests = len(pairs) * len(COLUMNS)
+    if n_tests:
+        lines.append(
+            f"The intervals are per comparison, uncorrected for the {n_tests} comparisons above: about "
+            f"{0.05 * n_tests:.1f} of them would fall outside their interval by chance alone."
+        )
+    matched = matched_name("kd", m)
+    if "KA" in scores and "KD" in scores and matched in scores:
+        raw = [
+            k
+            for k in COLUMNS
+            if _compare(scores, "KA", "KD", k)[1] and _compare(scores, "KA", "KD", k)[2] > 0
+        ]
+        held = [
+            k
+            for k in raw
+            if _compare(scores, "KA", matched, k)[1] and _compare(scores, "KA", matched, k)[2] > 0
+        ]
+        lines.append(
+            f"Is KA's gain over KD compute-matched? KA is ahead of KD beyond the interval on "
+            f"{len(raw)} of {len(COLUMNS)} columns ({', '.join(LABELS[k] for k in raw) or 'none'}); ahead of "
+            f"{matched} (same counted optimizer steps and teacher forwards) beyond the interval on "
+            f"{len(held)} of those ({', '.join(LABELS[k] for k in held) or 'none'})."
+        )
     teacher, student = scores["teacher SFT"], scores["student SFT"]
     gaps = {k: paired_difference(teacher[k], student[k]) for k in COLUMNS}
+    weak = [LABELS[k] for k, (gap, half) in gaps.items() if gap <= half]
     lines.append(
         "Teacher SFT minus student SFT: "
         + ", ".join(f"{gap:+.2f} ± {half:.2f} ({LABELS[k]})" for k, (gap, half) in gaps.items())
         + " ROUGE-L: "
         + (
-            "the teacher is significantly stronger everywhere, so there is something to distil."
-            if all(gap > half for gap, half in gaps.values())
-            else "the teacher is not significantly stronger everywhere, so distillation gains are not expected there."
+            "the teacher is ahead beyond the interval on every column."
+            if not weak
+            else f"the teacher is not ahead beyond the interval on {', '.join(weak)}, so a distillation gain "
+            "there has no measured teacher advantage to come from."
         )
     )
     students = [r for r in scores if r != "teacher SFT"]
     best = max(max(scores[r][k]["mean"] for k in SPLITS) for r in students)
-    teacher = scores["teacher SFT"]
     lines.append(
         f"Best student score {best:.2f} vs teacher {teacher['test_seen']['mean']:.2f} (seen) / "
         f"{teacher['test_unseen']['mean']:.2f} (unseen): "
         + (
             "the students did not learn the tasks at this budget, so this run cannot rank the methods."
             if best < max(LEARNED_FLOOR, 0.25 * teacher["test_seen"]["mean"])
-            else "the students learned enough for the comparison to mean something."
+            else "the students score above the floor where nothing was learned; any ranking is only as "
+            "strong as the paired intervals above."
         )
     )
     return lines
@@ -410,6 +513,16 @@ def main() -> int:
     parser.add_argument(
         "--kd-steps", type=int, help="steps of every KD method and of continued SFT (default 50)"
     )
+    parser.add_argument(
+        "--ka-passes",
+        type=int,
+        help="KA's teacher passes per input (M), also the teacher_passes of the compute-matched KD/GKD rows (default 2)",
+    )
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated KD rows to train and score ({','.join(ROW_KEYS)}; default all); "
+        "student SFT and teacher SFT are always there",
+    )
     parser.add_argument("--train", type=int, help="training examples (default 4000)")
     parser.add_argument(
         "--val", type=int, help="validation examples for checkpoint choice, greedy ROUGE-L (default 32)"
@@ -436,21 +549,26 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
     s = settings(args.fast, args)
-    if s["test"] < 1 or s["val"] < 1 or s["train"] < 1:
-        parser.error("--train, --val and --test-examples must be positive")
+    if s["test"] < 1 or s["val"] < 1 or s["train"] < 1 or s["ka_passes"] < 1:
+        parser.error("--train, --val, --test-examples and --ka-passes must be positive")
+    only = None if args.only is None else {x.strip() for x in args.only.split(",") if x.strip()}
+    if only is not None and not only <= set(ROW_KEYS):
+        parser.error(f"--only takes {', '.join(ROW_KEYS)}; got {', '.join(sorted(only - set(ROW_KEYS)))}")
     run = Path(args.out_dir) if args.out_dir else ROOT / "runs" / (NAME + ("_fast" if args.fast else ""))
     run.mkdir(parents=True, exist_ok=True)
     if args.reuse_teacher:
         reuse_teacher(Path(args.reuse_teacher), run, s)
     t0 = time.time()
     files = prepare_data(run, s)
-    rows = train_all(run, files, s, console)
+    rows = train_all(run, files, s, console, only)
     scores = evaluate(rows, files, s, run, console)
 
     table = Table(title="ROUGE-L F1 x100 on T0 templates (mean ± std over seeds 10-50)")
     table.add_column("method")
     for key in COLUMNS:
         table.add_column(LABELS[key], justify="right")
+    table.add_column("opt. steps", justify="right")
+    table.add_column("teacher fwd", justify="right")
     for row, sc in scores.items():
         table.add_row(
             row,
@@ -458,16 +576,18 @@ def main() -> int:
                 f"{sc[k]['mean']:.2f}" + ("" if k.endswith("_greedy") else f" ± {sc[k]['std']:.2f}")
                 for k in COLUMNS
             ),
+            *(str(sc.get(k, "?")) for k in ("optimizer_steps", "teacher_forwards")),
         )
     console.print(table)
-    lines = verdict(scores)
+    lines = verdict(scores, s["ka_passes"])
     for line in lines:
         console.print(line)
     if args.fast:
         return 0
-    plot(scores, RESULTS / f"{NAME}.png")
+    name = NAME if only is None else f"{NAME}_subset"  # a subset never overwrites the full table
+    plot(scores, RESULTS / f"{name}.png")
     path = write_result(
-        NAME,
+        name,
         {
             "settings": s,
             "models": {
@@ -481,6 +601,16 @@ def main() -> int:
                 "split": "by template (task), 25% of templates unseen; prompts <= 400 chars, responses <= 16 words",
             },
             "protocol": "sampling temperature 1.0, top-p 1.0, top-k 0; ROUGE-L F1 (Porter stemmer) x100; seeds 10,20,30,40,50",
+            "compute": (
+                "optimizer_steps and teacher_forwards (sequences the teacher ran a forward pass over) are counted "
+                "by each row's own run; the shared student SFT before it is not included; teacher SFT trains the "
+                "teacher itself (no distillation teacher: 0). Every method takes one update per step; KA averages "
+                f"its {s['ka_passes']} teacher passes into it. '{matched_name('kd', s['ka_passes'])}' and "
+                f"'{matched_name('gkd', s['ka_passes'])}' take teacher_passes={s['ka_passes']}: that many times the "
+                "batch per step, sub-batch losses averaged into one update, i.e. KA's counted optimizer steps and "
+                "teacher forwards, spent on new inputs (and M x the student compute). Forwards are not FLOPs: "
+                "KA's teacher runs N-1 experts, ALL and SAR all N (SAR also backpropagates into the routers), KD top-k."
+            ),
             "scores": scores,
             "verdict": lines,
             "train_seconds": _load(run / "timings.json"),
