@@ -30,7 +30,7 @@ from _common import write_result  # noqa: E402
 
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
 from moe_understudy.runtime.layer import patch, unpatch  # noqa: E402
-from moe_understudy.runtime.stats import LoadRecorder  # noqa: E402
+from moe_understudy.runtime.ledger import LoadRecorder  # noqa: E402
 from moe_understudy.understudy.modules import build_understudy, cost_ratio  # noqa: E402
 
 NAME = "runtime_overhead"

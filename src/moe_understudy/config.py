@@ -396,6 +396,10 @@ class RuntimeConfig(StageConfig):
     deadline: float | None = (
         None  # deadline: results later than this are replaced; None = capacity x time + latency
     )
+    expanded_m: int = 1  # expanded_drop / expanded_shadow: local candidates per token beyond its top-k
+    # devices tokens and experts live on in one process (tokens in contiguous chunks, experts
+    # contiguous): expanded_drop's "local" and the byte / work ledger; expert parallelism uses its ranks
+    num_devices: int = 1
 
     def __post_init__(self) -> None:
         from moe_understudy.runtime.policies import POLICIES, PRIORITIES
@@ -414,6 +418,8 @@ class RuntimeConfig(StageConfig):
             )
         if self.time_per_assignment <= 0 or self.latency < 0:
             raise ValueError("time_per_assignment must be positive and latency non-negative.")
+        if self.expanded_m < 1 or self.num_devices < 1:
+            raise ValueError("expanded_m and num_devices must be at least 1.")
 
     def policy_kwargs(self) -> dict[str, Any]:
         """The policy options `plan_routing` takes."""

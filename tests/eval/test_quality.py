@@ -11,6 +11,7 @@ from moe_understudy.cli import app
 from moe_understudy.eval.quality import evaluate_policies, systems
 from moe_understudy.moe.adapters import MoELayer, find_moe_layers
 from moe_understudy.moe.presets import build_model, tiny_config
+from moe_understudy.moe.standins import TokenStandIn
 
 
 def tiny(seed: int = 0):
@@ -23,9 +24,9 @@ def tiny(seed: int = 0):
     return model
 
 
-class CopyOfLayer(nn.Module):
+class CopyOfLayer(TokenStandIn):
     def __init__(self, moe: MoELayer):
-        super().__init__()
+        super().__init__(moe.hidden_size)
         self.moe = moe
 
     def forward(self, x):

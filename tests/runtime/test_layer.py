@@ -5,21 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 from load_aware_helpers import make_ids, tiny_model
-from torch import nn
 
 from moe_understudy.config import RuntimeConfig
 from moe_understudy.errors import UserError
 from moe_understudy.moe.adapters import MoELayer, find_moe_layers
 from moe_understudy.moe.presets import TINY_FAMILIES
+from moe_understudy.moe.standins import AssignmentStandIn, TokenStandIn
 from moe_understudy.runtime.layer import LoadAwareMoE, patch, unpatch
-from moe_understudy.runtime.stats import LoadRecorder
+from moe_understudy.runtime.ledger import LoadRecorder
 
 
-class Constant(nn.Module):
+class Constant(TokenStandIn):
     """An understudy that answers `value` for every token and counts the rows it was asked for."""
 
     def __init__(self, hidden: int, value: float = 0.5):
-        super().__init__()
+        super().__init__(hidden)
         self.value = value
         self.rows: list[int] = []
         self.hidden = hidden
@@ -28,31 +28,37 @@ class Constant(nn.Module):
         self.rows.append(x.shape[0])
         return torch.full_like(x, self.value)
 
+    def flops_per_token(self) -> int:
+        return 0
 
-class CopyOfLayer(nn.Module):
+
+class CopyOfLayer(TokenStandIn):
     """An understudy that is exactly the layer's routed part (router + experts)."""
 
     def __init__(self, moe: MoELayer):
-        super().__init__()
+        super().__init__(moe.hidden_size)
         self.moe = moe
 
     def forward(self, x):
         r = self.moe.route(x)
         return self.moe.experts(x, r.indices, r.weights)
 
+    def flops_per_token(self) -> int:
+        return self.moe.active_expert_flops_per_token()
 
-class ExactShadows(nn.Module):
+
+class ExactShadows(AssignmentStandIn):
     """Shadows that are the experts themselves."""
 
     def __init__(self, moe: MoELayer):
-        super().__init__()
+        super().__init__(moe.hidden_size)
         self.moe = moe
 
     def forward(self, x, indices, weights):
         return self.moe.experts(x, indices, weights)
 
-    def per_assignment(self, x, expert):
-        return self.moe.experts(x, expert[:, None], torch.ones(len(expert), 1))
+    def flops_per_assignment(self) -> float:
+        return self.moe.expert_flops_per_token()
 
 
 @pytest.fixture
@@ -172,7 +178,7 @@ def test_layer_policy_replaces_the_whole_layer_when_overloaded():
 
 def test_recorder_counts_every_assignment_once_per_layer_and_step(ids):
     model = tiny_model("deepseek_v3")
-    rec = LoadRecorder(num_devices=2)
+    rec = LoadRecorder()
     patch(model, policy="reroute", capacity_factor=0.75, recorder=rec)
     model(input_ids=ids)
     layers = find_moe_layers(model)

@@ -80,12 +80,12 @@ def test_full_width_shadows_from_the_teacher_equal_the_experts(tiny_layer, route
     )
 
 
-def test_shadow_per_assignment_is_unweighted_and_skips_nothing(tiny_layer):
+def test_shadows_serve_single_assignments_like_their_experts(tiny_layer):
     shadows = build_understudy("shadows", tiny_layer, width=INTER, init="teacher")
     x = torch.randn(6, H)
-    expert = torch.tensor([0, 1, 2, 3, 0, 2])
-    want = tiny_layer.experts(x, expert[:, None], torch.ones(6, 1))
-    torch.testing.assert_close(shadows.per_assignment(x, expert), want, rtol=1e-5, atol=1e-6)
+    expert = torch.tensor([0, 1, 2, 3, 0, 2])[:, None]
+    want = tiny_layer.experts(x, expert, torch.ones(6, 1))
+    torch.testing.assert_close(shadows(x, expert, torch.ones(6, 1)), want, rtol=1e-5, atol=1e-6)
 
 
 def test_shadows_skip_the_index_equal_to_num_experts(tiny_layer):

@@ -25,8 +25,8 @@ from moe_understudy.config import EvalConfig
 from moe_understudy.eval.metrics import kl_per_token, next_token_view, token_nll, top1_agreement
 from moe_understudy.moe.adapters import find_moe_layers
 from moe_understudy.runtime.layer import patch
+from moe_understudy.runtime.ledger import LoadRecorder
 from moe_understudy.runtime.scenarios import batches, build_scenario
-from moe_understudy.runtime.stats import LoadRecorder
 
 
 @dataclass
@@ -54,16 +54,15 @@ def systems(
     return out
 
 
-def understudy_cost(model: nn.Module, understudies: dict[int, nn.Module] | None) -> float | None:
-    """Mean over layers of understudy FLOPs per token / active routed-expert FLOPs per token."""
-    if not understudies:
-        return None
-    ratios = [
-        understudies[m.index].flops_per_token() / m.active_expert_flops_per_token()
-        for m in find_moe_layers(model)
-        if m.index in understudies and hasattr(understudies[m.index], "flops_per_token")
-    ]
-    return sum(ratios) / len(ratios) if ratios else None
+def stand_in_sizes(model: nn.Module, understudies: dict[int, nn.Module] | None) -> dict[str, float | None]:
+    """Mean over layers of the stand-ins' cost (FLOPs per token / active routed-expert FLOPs) and
+    memory per device (`memory_expert_equiv`, in routed experts); None without stand-ins."""
+    layers = [m for m in find_moe_layers(model) if understudies and m.index in understudies]
+    if not layers:
+        return {"cost": None, "memory_expert_equiv": None}
+    cost = [understudies[m.index].flops_per_token() / m.active_expert_flops_per_token() for m in layers]
+    memory = [understudies[m.index].memory_expert_equiv(m.expert_params()) for m in layers]
+    return {"cost": sum(cost) / len(cost), "memory_expert_equiv": sum(memory) / len(memory)}
 
 
 @torch.no_grad()
@@ -84,7 +83,7 @@ def evaluate_policies(
     device = next(model.parameters()).device
     runs = systems(policies, capacities)
     sums = {run: _Sums() for run in runs}
-    recorders = {run: LoadRecorder(num_devices=num_devices) for run in runs}
+    recorders = {run: LoadRecorder() for run in runs}
     steps = batches(blocks, batch_size)
     handle = patch(
         model,
@@ -92,6 +91,7 @@ def evaluate_policies(
         policy="full",
         priority=priority,
         logit_bias=logit_bias,
+        num_devices=num_devices,
         **(runtime_options or {}),
     )
     bar = Progress(
@@ -119,19 +119,20 @@ def evaluate_policies(
                     bar.advance(task)
     finally:
         handle.unpatch()
-    return _rows(
-        runs, sums, recorders, priority, batch_size, num_devices, understudy_cost(model, understudies)
-    )
+    return _rows(runs, sums, recorders, priority, batch_size, num_devices, stand_in_sizes(model, understudies))
 
 
-def _rows(runs, sums, recorders, priority, batch_size, num_devices, cost) -> list[dict[str, Any]]:
+def _rows(runs, sums, recorders, priority, batch_size, num_devices, sizes) -> list[dict[str, Any]]:
     import math
+
+    from moe_understudy.runtime.policies import NEEDS_SHADOWS, NEEDS_UNDERSTUDY
 
     base = math.exp(sums[runs[0]].nll / sums[runs[0]].count)
     rows = []
     for run in runs:
         s, load = sums[run], recorders[run].summary()
         ppl = math.exp(s.nll / s.count)
+        uses_stand_in = run[0] in NEEDS_UNDERSTUDY + NEEDS_SHADOWS
         rows.append(
             {
                 "policy": run[0],
@@ -150,10 +151,17 @@ def _rows(runs, sums, recorders, priority, batch_size, num_devices, cost) -> lis
                 "frac_tokens_degraded": load["frac_tokens_degraded"],
                 "bytes_per_token": load["bytes_per_token"],
                 "bytes_moved": load["bytes_moved"],
+                "exchange_bytes": load["exchange_bytes"],
+                "total_bytes": load["total_bytes"],
+                "total_bytes_per_token": load["total_bytes_per_token"],
+                "rank_work_imbalance": load["rank_work_imbalance"],
+                "stand_in_flops_fraction": load["stand_in_flops_fraction"],
                 "max_over_mean": load["mean_max_over_mean"],
                 "max_served_over_mean": load["mean_max_served_over_mean"],
                 "num_devices": num_devices,
-                "understudy_cost": cost if run[0] in ("understudy", "layer", "deadline", "shadow") else None,
+                "understudy_cost": sizes["cost"] if uses_stand_in else None,
+                # memory per device per MoE layer beyond its own experts, in routed experts
+                "memory_expert_equiv": (sizes["memory_expert_equiv"] or 0.0) if uses_stand_in else 0.0,
             }
         )
     return rows

@@ -1,8 +1,9 @@
 """MoE-aware routing modes for distillation: ALL, KA, SAR's trainable router, B-Distill's MC exploration.
 
 Every mode is a *selector* — a pure function `Routing -> Selection` (which experts each token uses
-and with what combine weights) — executed by `RoutedBlock`, a wrapper that replaces an MoE block
-through `MoELayer.replace` for the duration of a `routing_mode(...)` context. Route, decide, execute:
+and with what combine weights). `RoutedBlock` is the execution core (runtime/core.py) with the
+selector as its planner — every selected assignment expert-served — installed through
+`MoELayer.replace` for the duration of a `routing_mode(...)` context:
 
     r = layer.route(x)                        # router logits (T, E) and the native top-k
     sel = selector(r)                         # indices (T, n), weights (T, n)
@@ -35,6 +36,8 @@ import torch
 from torch import nn
 
 from moe_understudy.moe.adapters import MoELayer, Routing, find_moe_layers
+from moe_understudy.runtime.core import MoECore
+from moe_understudy.runtime.plan import everything_to_experts
 
 MODES = ("native", "all", "ka", "explore")
 
@@ -125,8 +128,11 @@ class RoutingRecorder:
 
     records: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
-    def record(self, layer: int, r: Routing, sel: Selection) -> None:
-        self.records.setdefault(layer, []).append((r.logits, r.indices, sel.indices))
+    def record(self, step) -> None:
+        """`step`: a runtime.core.Step of a routed block (the core's recorder interface)."""
+        self.records.setdefault(step.moe.index, []).append(
+            (step.routing.logits, step.routing.indices, step.plan.indices)
+        )
 
     def clear(self) -> None:
         self.records.clear()
@@ -145,10 +151,8 @@ class RoutingRecorder:
         return torch.cat([rec[2] for rec in self.records[layer]])
 
 
-class RoutedBlock(nn.Module):
-    """Stands in for one MoE block: route with the original router, select, run the original experts."""
-
-    is_moe_wrapper = True
+class RoutedBlock(MoECore):
+    """The execution core routing by `selector`: every selected (token, expert) pair goes to its expert."""
 
     def __init__(
         self,
@@ -156,24 +160,12 @@ class RoutedBlock(nn.Module):
         selector: Callable[[Routing], Selection],
         recorder: RoutingRecorder | None = None,
     ) -> None:
-        super().__init__()
-        self.block = layer.block  # registered child: find_moe_layers still finds the layer
-        self.moe = layer
+        super().__init__(layer, self._plan, recorder=recorder)
         self.selector = selector
-        self.recorder = recorder
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape  # (B, S, H)
-        x = hidden_states.reshape(-1, shape[-1])  # (T, H)
-        r = self.moe.route(x)
-        sel = self.selector(r)
-        y = self.moe.experts(x, sel.indices, sel.weights)
-        shared = self.moe.shared(x)
-        if shared is not None:
-            y = y + shared
-        if self.recorder is not None:
-            self.recorder.record(self.moe.index, r, sel)
-        return y.reshape(shape)
+    def _plan(self, routing: Routing):
+        sel = self.selector(routing)
+        return everything_to_experts(sel.indices, sel.weights), None
 
 
 def selector_for(

@@ -156,6 +156,10 @@ class MoELayer:
     def act_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.block.experts.act_fn
 
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (SwiGLU: gate, up, down), the unit of `memory_expert_equiv`."""
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
     def expert_flops_per_token(self) -> int:
         """Multiply-adds x2 of one routed expert for one token (three H x I matmuls)."""
         return 2 * 3 * self.hidden_size * self.expert_intermediate_size

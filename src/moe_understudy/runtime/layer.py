@@ -1,13 +1,13 @@
-"""The load-aware MoE layer: route -> plan -> execute -> record, wrapped around a transformers block.
+"""The load-aware runtime: the execution core configured by a `RuntimeConfig` (policy x capacity).
 
 `patch(model, understudies, policy=..., capacity_factor=...)` puts a `LoadAwareMoE` in place of
 every MoE block (through the adapters, so every supported family works) and returns a
 `PatchedModel` handle; `unpatch(model)` (or the handle) puts the original blocks back.
 
-Execution reuses the block's own pieces: its router, its experts call (assignments not served by an
-expert are masked with index E, which the experts skip), its shared experts (always added, they are
-local). Under `full` with no recorder the layer does exactly what the block does, nothing more, so
-the patched model matches the unpatched one and costs the same.
+A `LoadAwareMoE` is a `MoECore` whose planner is the configured policy over the step's tokens:
+capacity ceil(cf * T * k / E) per expert (or per rank), admission by priority, overflow to the
+policy. Under `full` with no recorder the core runs the block's own experts call and nothing
+more, so the patched model matches the unpatched one and costs the same.
 """
 
 from __future__ import annotations
@@ -15,70 +15,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from moe_understudy.config import RuntimeConfig
 from moe_understudy.errors import UserError
 from moe_understudy.moe.adapters import MoELayer, Routing, find_moe_layers
+from moe_understudy.moe.standins import ASSIGNMENT, TOKEN, level_of
+from moe_understudy.runtime import exchange as xchg
+from moe_understudy.runtime.admission import capacity_holders, expert_capacity
+from moe_understudy.runtime.core import MoECore
+from moe_understudy.runtime.ledger import LoadRecorder, Topology
+from moe_understudy.runtime.plan import Plan, everything_to_experts
 from moe_understudy.runtime.policies import (
+    EXPANDED,
     NEEDS_SHADOWS,
     NEEDS_UNDERSTUDY,
-    Plan,
-    capacity_holders,
-    expert_capacity,
+    expanded_candidates,
     plan_routing,
 )
-from moe_understudy.runtime.stats import LoadRecorder
 
 
-class _BiasedRouterLogits(TorchFunctionMode):
-    """Adds `bias` (E,) to the router's logits while the router runs, so its own top-k sees them.
-
-    Family-agnostic: every supported router computes its logits with one `F.linear`; the bias is
-    applied to that call's output only, and only while this mode is active (weights untouched).
-    """
-
-    def __init__(self, bias: torch.Tensor):
-        super().__init__()
-        self.bias = bias
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is F.linear:
-            out = out + self.bias.to(device=out.device, dtype=out.dtype)
-        return out
-
-
-def _call_on(
-    experts, x: torch.Tensor, mask: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """Weighted output (T, H) of `experts(x, indices, weights)` over the assignments in `mask` (T, k) only.
-
-    The selected assignments are compacted into rows of one assignment each, (A, H) with (A, 1)
-    indices, so no skip index is needed: transformers' default `grouped_mm` experts leave rows
-    with index E uninitialised instead of skipping them. Only selected assignments are computed.
-    """
-    if bool(mask.all()):
-        return experts(x, indices, weights.to(x.dtype))
-    token, slot = mask.nonzero(as_tuple=True)  # (A,), (A,)
-    y = torch.zeros_like(x)
-    if token.numel() == 0:
-        return y
-    rows = experts(x[token], indices[token, slot, None], weights[token, slot, None].to(x.dtype))  # (A, H)
-    return y.index_add(0, token, rows.to(y.dtype))
-
-
-class LoadAwareMoE(nn.Module):
-    """Stands where an MoE block stood; same input and output: hidden states (B, S, H) -> (B, S, H).
-
-    `understudy` is the layer's stand-in: a module x (T, H) -> (T, H) approximating the routed output
-    (policies understudy / layer / deadline), or a shadows module with
-    ``forward(x, indices, weights)`` like the experts (policy shadow).
-    """
-
-    is_moe_wrapper = True  # lets find_moe_layers see the block through this wrapper
+class LoadAwareMoE(MoECore):
+    """The core under a `RuntimeConfig`; `understudy` is the layer's stand-in (either kind)."""
 
     def __init__(
         self,
@@ -87,75 +45,90 @@ class LoadAwareMoE(nn.Module):
         understudy: nn.Module | None = None,
         recorder: LoadRecorder | None = None,
         logit_bias: torch.Tensor | None = None,
+        topology: Topology | None = None,
+        backend=None,
     ):
-        super().__init__()
-        self.block = moe.block
-        self.understudy = understudy
-        self.moe = moe  # plain attribute (a view, not a submodule): the block is registered above
+        topology = topology or Topology.contiguous(moe.num_experts, config.num_devices)
+        super().__init__(
+            moe,
+            self.plan,
+            understudy,
+            backend=backend,
+            recorder=recorder,
+            logit_bias=logit_bias,
+            topology=topology,
+        )
         self.config = config
-        self.recorder = recorder
-        self.register_buffer("logit_bias", logit_bias, persistent=False)
+
+    @property
+    def config(self) -> RuntimeConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: RuntimeConfig) -> None:
+        self._config = value
+        self.passthrough = value.policy == "full"
+
+    @property
+    def understudy(self) -> nn.Module | None:
+        return self.stand_in
 
     def extra_repr(self) -> str:
         c = self.config
         return f"layer={self.moe.index}, policy={c.policy}, capacity_factor={c.capacity_factor}, priority={c.priority}"
 
-    # --- route -> plan -> execute -------------------------------------------------------------
-    def route(self, x: torch.Tensor) -> Routing:
-        """x (T, H) -> Routing, with the scenario's logit bias applied inside the router if set."""
-        if self.logit_bias is None:
-            return self.moe.route(x)
-        with _BiasedRouterLogits(self.logit_bias):
-            return self.moe.route(x)
-
     def capacity_groups(self) -> torch.Tensor:
         """(E,) rank of each expert, for capacity per rank; only expert parallelism has ranks."""
-        raise UserError(
-            "capacity_scope 'rank' needs expert parallelism (understudy ep, or evaluate --ep N); "
-            "use capacity_scope 'expert' in one process."
-        )
+        groups = getattr(self.backend, "capacity_groups", None)
+        if groups is None:
+            raise UserError(
+                "capacity_scope 'rank' needs expert parallelism (understudy ep, or evaluate --ep N); "
+                "use capacity_scope 'expert' in one process."
+            )
+        return groups()
 
-    def plan(self, routing: Routing) -> tuple[Plan, int | None]:
-        """The policy's plan for this step and the capacity it used (None under `full`)."""
+    def groups(self, device: torch.device) -> torch.Tensor | None:
+        return self.capacity_groups().to(device) if self.config.capacity_scope == "rank" else None
+
+    def capacity(self, num_tokens: int, groups: torch.Tensor | None) -> int:
+        holders = capacity_holders(self.moe.num_experts, groups)
+        return expert_capacity(num_tokens, self.moe.top_k, holders, self.config.capacity_factor)
+
+    def candidates(self, routing: Routing, token_device: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expanded policies' local candidates for tokens living on `token_device` (T,)."""
+        return expanded_candidates(routing, self.config.expanded_m, token_device, self.topology.expert_device)
+
+    def plan(self, routing, candidates=None, **known) -> tuple[Plan, int | None]:
+        """The policy's plan for this step and the capacity it used (None under `full`).
+
+        `candidates` and `known` (places, holder_load, alternatives) come precomputed from the
+        expert-parallel exchange; in one process everything is computed from `routing`.
+        """
         c = self.config
         if c.policy == "full":
-            return plan_routing(routing, "full", 0), None
-        groups = self.capacity_groups().to(routing.indices.device) if c.capacity_scope == "rank" else None
-        holders = capacity_holders(routing.num_experts, groups)
-        capacity = expert_capacity(routing.indices.shape[0], routing.top_k, holders, c.capacity_factor)
-        plan = plan_routing(routing, c.policy, capacity, c.priority, groups=groups, **c.policy_kwargs())
+            return everything_to_experts(routing.indices, routing.weights), None
+        groups = self.groups(routing.indices.device)
+        capacity = self.capacity(known.pop("num_tokens", routing.indices.shape[0]), groups)
+        if c.policy in EXPANDED and candidates is None:
+            candidates = self.candidates(routing, self.topology.token_device(routing.indices.shape[0]))
+        plan = plan_routing(
+            routing,
+            c.policy,
+            capacity,
+            c.priority,
+            groups=groups,
+            candidates=candidates,
+            **c.policy_kwargs(),
+            **known,
+        )
         return plan, capacity
 
-    def execute(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
-        """Routed output (T, H) of `plan`: experts, shadows and understudy each on their share."""
-        # Deadline: the understudy runs first for every token (in a real system it overlaps dispatch).
-        upfront = self.understudy(x) if self.config.policy == "deadline" else None
-        y = _call_on(self.moe.experts, x, plan.expert_served, plan.indices, plan.weights)
-        if plan.shadow_served.any():
-            y = y + _call_on(self.understudy, x, plan.shadow_served, plan.indices, plan.weights)
-        tokens = plan.understudy_tokens.nonzero().squeeze(1)
-        if tokens.numel():
-            u = upfront[tokens] if upfront is not None else self.understudy(x[tokens])
-            y = y.index_add(0, tokens, u.to(y.dtype))  # these tokens got nothing from the experts
-        return y
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # (T, H)
-        routing = self.route(x)
-        if self.config.policy == "full" and self.recorder is None:
-            y = self.moe.experts(x, routing.indices, routing.weights)  # exactly the block's own call
-        else:
-            plan, capacity = self.plan(routing)
-            y = self.execute(x, plan)
-            if self.recorder is not None:
-                self.recorder.record(
-                    self.moe.index, routing, plan, capacity, self.moe.hidden_size, x.element_size()
-                )
-        shared = self.moe.shared(x)
-        if shared is not None:
-            y = y + shared
-        return y.reshape(shape)
+    def exchange(self) -> tuple[str, int]:
+        c, moe = self.config, self.moe
+        mode = xchg.exchange_mode(c.policy, c.priority, c.capacity_scope)
+        weight_dtype = moe.block.gate.weight.dtype
+        layout = xchg.row_layout(c.policy, moe.num_experts, moe.top_k, weight_dtype, c.expanded_m)
+        return mode, (0 if mode == xchg.COUNTS else xchg.row_bytes(layout))
 
 
 @dataclass
@@ -175,7 +148,9 @@ class PatchedModel:
         for wrapper in self.layers:
             if config_changes:
                 new = wrapper.config.replace(**config_changes)
-                _check_stand_in(new.policy, wrapper.moe, wrapper.understudy)
+                check_stand_in(new.policy, wrapper.moe, wrapper.understudy)
+                if new.num_devices != wrapper.config.num_devices:
+                    wrapper.topology = Topology.contiguous(wrapper.moe.num_experts, new.num_devices)
                 wrapper.config = new
             if recorder is not ...:
                 wrapper.recorder = recorder
@@ -204,21 +179,25 @@ def _bias_for(logit_bias, moe: MoELayer) -> torch.Tensor | None:
     return bias
 
 
-def _check_stand_in(policy: str, moe: MoELayer, module: nn.Module | None) -> None:
-    if policy in NEEDS_UNDERSTUDY and module is None:
+def check_stand_in(policy: str, moe: MoELayer, module: nn.Module | None) -> None:
+    """Refuse, in one sentence, a policy whose stand-in is missing or of the wrong kind."""
+    kind = level_of(module)
+    if policy in NEEDS_UNDERSTUDY and kind is None:
         raise UserError(
             f"Policy {policy!r} needs an understudy for MoE layer {moe.index}, but none was given; "
             f"pass understudies from `understudy distill` (--understudies DIR)."
         )
-    if policy in NEEDS_SHADOWS and not hasattr(module, "per_assignment"):
+    if policy in NEEDS_SHADOWS and kind != ASSIGNMENT:
         raise UserError(
-            f"Policy 'shadow' needs per-expert shadows for MoE layer {moe.index}; "
-            f"distil them with `understudy distill --arch shadows` and pass that folder."
+            f"Policy {policy!r} needs an assignment-level stand-in (per-expert shadows or a gated trunk) "
+            f"for MoE layer {moe.index}; distil one with `understudy distill --arch shadows` (or trunk) "
+            f"and pass that folder."
         )
-    if policy in NEEDS_UNDERSTUDY and hasattr(module, "per_assignment"):
+    if policy in NEEDS_UNDERSTUDY and kind != TOKEN:
         raise UserError(
-            f"Policy {policy!r} needs a whole-layer understudy for MoE layer {moe.index}, but got shadows; "
-            f"use policy 'shadow' with shadows, or pass dense/lowrank/merged/small_moe understudies."
+            f"Policy {policy!r} needs a whole-token understudy for MoE layer {moe.index}, but got an "
+            f"assignment-level stand-in; use policy 'shadow' with it, or pass dense/lowrank/merged/small_moe "
+            f"understudies."
         )
 
 
@@ -235,9 +214,9 @@ def patch(
 ) -> PatchedModel:
     """Wrap every MoE block of `model` in a LoadAwareMoE; returns the handle.
 
-    understudies: stand-in per MoE layer index (None: only policies full/drop/drop_renorm/reroute
-    work). `config` overrides policy/capacity_factor/priority/policy_options when given.
-    logit_bias: (E,) added to every layer's router logits, or {layer index: (E,)} (hot expert).
+    understudies: stand-in per MoE layer index (None: only policies full/drop/drop_renorm/reroute/
+    expanded_drop work). `config` overrides policy/capacity_factor/priority/policy_options when
+    given. logit_bias: (E,) added to every layer's router logits, or {layer index: (E,)} (hot expert).
     """
     if config is None:
         config = RuntimeConfig(
@@ -255,7 +234,7 @@ def patch(
         )
     for moe in layers:
         stand_in = understudies.get(moe.index)
-        _check_stand_in(config.policy, moe, stand_in)
+        check_stand_in(config.policy, moe, stand_in)
         wrapper = LoadAwareMoE(moe, config, stand_in, recorder, _bias_for(logit_bias, moe))
         moe.replace(wrapper)
         handle.layers.append(wrapper)
@@ -265,6 +244,6 @@ def patch(
 def unpatch(model: nn.Module) -> nn.Module:
     """Put every original MoE block back (no-op on an unpatched model)."""
     for moe in find_moe_layers(model):
-        if isinstance(getattr(moe.parent, moe.attr), LoadAwareMoE):
+        if isinstance(getattr(moe.parent, moe.attr), MoECore):
             moe.restore()
     return model

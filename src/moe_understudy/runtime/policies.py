@@ -332,12 +332,15 @@ def _readmitted(
     return admitted
 
 
-def _layer(routing, capacity: int, threshold: float | None, holder_load: torch.Tensor) -> Plan:
+def layer_switches(holder_load: torch.Tensor, capacity: int, threshold: float | None) -> bool:
+    """Whether policy `layer` hands the whole step to the understudy, given the load per holder."""
     if threshold is None:
-        switch = int(holder_load.max()) > capacity
-    else:
-        switch = float(holder_load.max()) / max(float(holder_load.float().mean()), 1e-12) > threshold
-    if not switch:
+        return int(holder_load.max()) > capacity
+    return float(holder_load.max()) / max(float(holder_load.float().mean()), 1e-12) > threshold
+
+
+def _layer(routing, capacity: int, threshold: float | None, holder_load: torch.Tensor) -> Plan:
+    if not layer_switches(holder_load, capacity, threshold):
         return everything_to_experts(routing.indices, routing.weights)
     nothing = torch.zeros_like(routing.indices, dtype=torch.bool)
     return plan_of(

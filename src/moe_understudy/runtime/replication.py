@@ -29,6 +29,19 @@ class ReplicaDispatch:
     traffic: Traffic
 
 
+def replica_of_position(positions: torch.Tensor, total: int, shares: torch.Tensor) -> torch.Tensor:
+    """(n,) replica (0..c-1) serving the assignments at `positions` among an expert's `total` sent ones.
+
+    The expert's sent assignments, in flat token-major order, are cut into consecutive chunks whose
+    sizes follow `shares` (c,): the one rule both the single-process ledger and expert parallelism
+    (which knows only per-rank counts) apply.
+    """
+    shares = shares.double()
+    bounds = torch.cumsum(shares / shares.sum(), 0) * total  # (c,) chunk ends
+    which = torch.searchsorted(bounds, positions.double() + 0.5)
+    return which.clamp(max=shares.numel() - 1)
+
+
 def assign_replicas(
     indices: torch.Tensor, placement: Placement, layer: int, sent: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -46,11 +59,8 @@ def assign_replicas(
         slots = placement.slots_of(layer, e)  # (c,)
         if slots.numel() == 0:
             raise ValueError(f"expert {e} of layer {layer} has no slot in the placement.")
-        shares = placement.replica_share[layer, slots].double()
-        bounds = torch.cumsum(shares / shares.sum(), 0) * rows.numel()  # (c,) chunk ends
-        position = torch.arange(rows.numel(), dtype=torch.float64) + 0.5
-        which = torch.searchsorted(bounds, position).clamp(max=slots.numel() - 1)
-        out[rows] = slots[which]
+        position = torch.arange(rows.numel())
+        out[rows] = slots[replica_of_position(position, rows.numel(), placement.replica_share[layer, slots])]
     return out.view_as(indices)
 
 

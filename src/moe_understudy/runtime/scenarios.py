@@ -40,12 +40,14 @@ def natural_blocks(model_dir: str | Path, data: DataConfig, tokenizer, max_block
     """(N, S) held-out blocks: the teacher's cached validation blocks, else packed from the val split."""
     cache = Path(model_dir) / "blocks.pt"
     if cache.is_file():
-        val = torch.load(cache)["val"]
-        return val[:max_blocks]
-    from moe_understudy.data import load_corpus, pack_blocks
+        blocks = torch.load(cache)["val"][:max_blocks]
+    else:
+        from moe_understudy.data import load_corpus, pack_blocks
 
-    corpus = load_corpus(data)
-    return pack_blocks(corpus.val, tokenizer, data.block_size, max_blocks=max_blocks)
+        blocks = pack_blocks(load_corpus(data).val, tokenizer, data.block_size, max_blocks=max_blocks)
+    if len(blocks) == 0:
+        raise UserError(f"No held-out text to evaluate {model_dir} on; point --data at a larger corpus.")
+    return blocks
 
 
 def domain_shift_blocks(tokenizer, block_size: int, max_blocks: int) -> torch.Tensor:

@@ -19,7 +19,8 @@ from torch import nn
 
 from moe_understudy.errors import UserError
 from moe_understudy.moe.adapters import decoder_layers, find_moe_layers
-from moe_understudy.understudy.modules import Understudy, from_config
+from moe_understudy.moe.standins import StandIn
+from moe_understudy.understudy.modules import from_config
 
 FORMAT = "moe-understudy-understudies/1"
 CONFIG = "config.json"
@@ -49,7 +50,7 @@ def save_understudies(out_dir: str | Path, understudies: dict[int, nn.Module], m
     tensors: dict[str, torch.Tensor] = {}
     per_layer: dict[str, dict] = {}
     for index, module in sorted(understudies.items()):
-        if not isinstance(module, Understudy):
+        if not isinstance(module, StandIn):
             raise UserError(
                 f"Layer {index}: {type(module).__name__} is not an understudy module; build it with build_understudy."
             )

@@ -1,12 +1,14 @@
 """Compact stand-ins for the routed part of one MoE layer.
 
-An `Understudy` maps block inputs x (T, H) to an approximation of the layer's ROUTED output
-(shared experts excluded: they stay local and are always computed). `Shadows` is the finer-grained
-variant: one small stand-in per expert, called like `MoELayer.experts(x, indices, weights)`.
+Token-level understudies (`TokenStandIn`, moe/standins.py) map block inputs x (T, H) to an
+approximation of the layer's ROUTED output (shared experts excluded: they stay local and are always
+computed): dense, lowrank, merged (dense warm-started from the experts) and small_moe.
+Assignment-level stand-ins (`AssignmentStandIn`) are called like `MoELayer.experts(x, indices,
+weights)` and replace single overflowing assignments: `Shadows`, one small stand-in per expert.
 
-Every module reports `param_count()` and `flops_per_token()` (multiply-adds x2) so its cost can be
-stated next to the layer's active routed-expert FLOPs (`cost_ratio`). `config()` returns the
-keyword arguments that rebuild the same shapes; `io.py` stores it next to the weights.
+Every module reports `param_count()`, `memory_expert_equiv()` and its FLOPs (multiply-adds x2) so
+its cost can be stated next to the layer's active routed-expert FLOPs (`cost_ratio`). `config()`
+returns the keyword arguments that rebuild the same shapes; `io.py` stores it next to the weights.
 """
 
 from __future__ import annotations
@@ -20,28 +22,13 @@ from torch import nn
 
 from moe_understudy.errors import UserError
 from moe_understudy.moe.adapters import MoELayer
+from moe_understudy.moe.standins import AssignmentStandIn, TokenStandIn
 
 ARCHS = ("dense", "lowrank", "merged", "small_moe", "shadows")
 
 
-class Understudy(nn.Module):
-    """Base class: x (T, H) -> (T, H) approximating one MoE layer's routed output."""
-
-    arch: str = "?"
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-
-    def param_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self) -> int:  # pragma: no cover - every subclass overrides
-        raise NotImplementedError
-
-    def config(self) -> dict[str, Any]:
-        """Keyword arguments of `from_config` that rebuild this module's shapes."""
-        raise NotImplementedError  # pragma: no cover
+class Understudy(TokenStandIn):
+    """Base class of token-level understudies: x (T, H) -> (T, H) approximating one MoE layer's routed output."""
 
 
 def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -186,11 +173,10 @@ class SmallMoEUnderstudy(Understudy):
         }
 
 
-class Shadows(Understudy):
+class Shadows(AssignmentStandIn):
     """One compressed stand-in per expert, S_e(x) ~ E_e(x): narrow SwiGLU ("swiglu") or rank-r linear ("lowrank").
 
-    `forward(x, indices, weights)` has the contract of `MoELayer.experts`; `per_assignment` gives
-    unweighted outputs for a flat list of (token, expert) assignments.
+    `forward(x, indices, weights)` has the contract of `MoELayer.experts`.
     """
 
     arch = "shadows"
@@ -230,22 +216,9 @@ class Shadows(Understudy):
                 )
         return out
 
-    def per_assignment(self, x: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """x (A, H), expert (A,) -> (A, H) unweighted shadow outputs, one row per assignment."""
-        out = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            rows = torch.where(expert == e)[0]
-            if rows.numel():
-                out = out.index_copy(0, rows, self._expert(x[rows], e))
-        return out
-
     def flops_per_assignment(self) -> int:
         per = 3 if self.kind == "swiglu" else 2
         return 2 * per * self.hidden_size * self.width
-
-    def flops_per_token(self) -> int:
-        """A token whose every assignment is shadowed: top_k shadows."""
-        return self.top_k * self.flops_per_assignment()
 
     def config(self) -> dict[str, Any]:
         return {
@@ -257,7 +230,7 @@ class Shadows(Understudy):
         }
 
 
-_CLASSES: dict[str, type[Understudy]] = {
+_CLASSES: dict[str, type[nn.Module]] = {
     "dense": DenseUnderstudy,
     "merged": DenseUnderstudy,
     "lowrank": LowRankUnderstudy,
@@ -266,14 +239,14 @@ _CLASSES: dict[str, type[Understudy]] = {
 }
 
 
-def from_config(arch: str, config: dict[str, Any]) -> Understudy:
+def from_config(arch: str, config: dict[str, Any]) -> nn.Module:
     """Rebuild an (untrained) module of `arch` from its `config()`; used when loading saved weights."""
     if arch not in _CLASSES:
         raise UserError(f"Unknown understudy arch {arch!r}; choose one of: {', '.join(ARCHS)}.")
     return _CLASSES[arch](**config)
 
 
-def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: Any) -> Understudy:
+def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: Any) -> nn.Module:
     """A fresh understudy of `arch` sized for `layer`.
 
     dense:     intermediate (default: one expert's)

@@ -13,27 +13,31 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from moe_understudy.moe.adapters import MoELayer, find_moe_layers
-from moe_understudy.understudy.modules import Shadows
+from moe_understudy.moe.adapters import MoELayer, Routing, find_moe_layers
+from moe_understudy.moe.standins import ASSIGNMENT, level_of
+from moe_understudy.runtime.core import MoECore
+from moe_understudy.runtime.plan import Plan, everything_to_experts, plan_of
 
 
-class SubstitutedMoE(nn.Module):
-    """Wraps one MoE block: each token's routed output comes from the understudy with probability `fraction`.
+class SubstitutedMoE(MoECore):
+    """The execution core with a random planner: each token's routed output comes from the understudy
+    with probability `fraction`.
 
-    For `Shadows` the draw is per assignment (token, expert) instead of per token. The random draws
-    use this wrapper's own generator, seeded at construction, so runs repeat exactly.
+    For an assignment-level stand-in the draw is per assignment (token, expert) instead of per
+    token. The random draws use this wrapper's own generator, seeded at construction, so runs repeat
+    exactly. The router always runs (as it would in serving): models that collect router logits for
+    their auxiliary loss find them even when every token goes to the understudy.
     """
 
-    is_moe_wrapper = True  # find_moe_layers looks through this wrapper to the original block
-
     def __init__(self, layer: MoELayer, understudy: nn.Module, fraction: float = 1.0, seed: int = 0) -> None:
-        super().__init__()
-        self.block = layer.block
-        self.understudy = understudy
-        self.moe = layer
+        super().__init__(layer, self._plan, understudy)
         self.fraction = fraction  # set between steps by the caller; read, never written, in forward
         self.seed = seed
         self._generator: torch.Generator | None = None
+
+    @property
+    def understudy(self) -> nn.Module:
+        return self.stand_in
 
     def _draw(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Bool mask of `shape`, true with probability `fraction`."""
@@ -53,35 +57,19 @@ class SubstitutedMoE(nn.Module):
         self._generator = torch.Generator(device=device)
         self._generator.set_state(state)
 
-    def routed(self, x: torch.Tensor) -> torch.Tensor:
-        """x (T, H) -> (T, H) routed output with the substitution applied."""
-        if isinstance(self.understudy, Shadows):
-            r = self.moe.route(x)
-            if self.fraction >= 1.0:
-                return self.understudy(x, r.indices, r.weights)
-            shadow = self._draw(tuple(r.indices.shape), x.device)  # (T, k) assignments served by shadows
-            none = torch.full_like(r.indices, self.moe.num_experts)
-            by_expert = self.moe.experts(x, torch.where(shadow, none, r.indices), r.weights)
-            return by_expert + self.understudy(x, torch.where(shadow, r.indices, none), r.weights)
-        # The router always runs (as it would in serving): models that collect router logits for
-        # their auxiliary loss find them even when every token goes to the understudy.
-        r = self.moe.route(x)
-        if self.fraction >= 1.0:
-            return self.understudy(x)
+    def _plan(self, routing: Routing) -> tuple[Plan, None]:
+        idx, w = routing.indices, routing.weights
+        if level_of(self.stand_in) == ASSIGNMENT:
+            served = torch.ones_like(idx, dtype=torch.bool)
+            if self.fraction < 1.0:
+                served = self._draw(tuple(idx.shape), idx.device)  # (T, k) assignments served by stand-ins
+            return plan_of(idx, w, ~served, shadow_served=served), None
         if self.fraction <= 0.0:
-            return self.moe.experts(x, r.indices, r.weights)
-        sub = self._draw((x.shape[0],), x.device)  # (T,) tokens served by the understudy
-        skip = torch.full_like(r.indices, self.moe.num_experts)
-        out = self.moe.experts(x, torch.where(sub[:, None], skip, r.indices), r.weights)
-        rows = torch.where(sub)[0]
-        return out.index_add(0, rows, self.understudy(x[rows]).to(out.dtype)) if rows.numel() else out
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        shape = hidden_states.shape
-        x = hidden_states.reshape(-1, shape[-1])  # (B*S, H)
-        y = self.routed(x)
-        shared = self.moe.shared(x)
-        return (y if shared is None else y + shared).reshape(shape)
+            return everything_to_experts(idx, w), None
+        tokens = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)
+        if self.fraction < 1.0:
+            tokens = self._draw((idx.shape[0],), idx.device)  # (T,) tokens served by the understudy
+        return plan_of(idx, w, ~tokens[:, None].expand_as(idx), understudy_tokens=tokens), None
 
 
 @contextmanager
