@@ -119,7 +119,9 @@ def evaluate_policies(
                     bar.advance(task)
     finally:
         handle.unpatch()
-    return _rows(runs, sums, recorders, priority, batch_size, num_devices, stand_in_sizes(model, understudies))
+    return _rows(
+        runs, sums, recorders, priority, batch_size, num_devices, stand_in_sizes(model, understudies)
+    )
 
 
 def _rows(runs, sums, recorders, priority, batch_size, num_devices, sizes) -> list[dict[str, Any]]:

@@ -67,7 +67,9 @@ class AssignmentStandIn(StandIn):
 
     level: ClassVar[str] = ASSIGNMENT
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def flops_per_assignment(self) -> float:  # pragma: no cover - every subclass overrides
@@ -89,7 +91,7 @@ class AssignmentStandIn(StandIn):
 
 
 def level_of(module: nn.Module | None) -> str | None:
-    """"token", "assignment", or None for no stand-in; anything else is refused with the fix."""
+    """ "token", "assignment", or None for no stand-in; anything else is refused with the fix."""
     if module is None:
         return None
     if isinstance(module, StandIn) and module.level in (TOKEN, ASSIGNMENT):
