@@ -27,7 +27,7 @@ from _common import write_result  # noqa: E402
 
 from moe_understudy.capture import LayerRecorder, capture_activity  # noqa: E402
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
-from moe_understudy.teacher import load_model_and_tokenizer  # noqa: E402
+from moe_understudy.moe.loading import load_model_and_tokenizer  # noqa: E402
 
 
 def blocks_of(model_dir: Path, n: int) -> torch.Tensor:

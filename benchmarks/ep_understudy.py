@@ -40,11 +40,11 @@ from _common import RESULTS, write_result  # noqa: E402
 
 from moe_understudy.config import EPConfig  # noqa: E402
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
+from moe_understudy.moe.loading import load_model_and_tokenizer  # noqa: E402
 from moe_understudy.runtime.ep import launch_ep  # noqa: E402
 from moe_understudy.runtime.placement import plan_placement  # noqa: E402
 from moe_understudy.runtime.speculative import estimate_affinity, predict_experts, speculate  # noqa: E402
 from moe_understudy.sim.traces import capture_trace  # noqa: E402
-from moe_understudy.teacher import load_model_and_tokenizer  # noqa: E402
 from moe_understudy.understudy.io import load_understudies, save_understudies  # noqa: E402
 from moe_understudy.understudy.modules import Shadows, build_understudy  # noqa: E402
 

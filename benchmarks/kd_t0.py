@@ -64,7 +64,7 @@ from moe_understudy.data.instructions import Example  # noqa: E402
 from moe_understudy.eval.rouge import rouge_over_seeds  # noqa: E402
 from moe_understudy.kd.sft import run_sft  # noqa: E402
 from moe_understudy.kd.trainer import run_kd  # noqa: E402
-from moe_understudy.teacher import load_model_and_tokenizer  # noqa: E402
+from moe_understudy.moe.loading import load_model_and_tokenizer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "t0_mix.jsonl.gz"
 NAME = "kd_t0"

@@ -83,7 +83,7 @@ def auto_understudies(
     capture store, by the library's pieces (cached in `work`)."""
     from moe_understudy.capture import CaptureStore, default_data_config, run_capture
     from moe_understudy.config import CaptureConfig
-    from moe_understudy.teacher import load_model_and_tokenizer
+    from moe_understudy.moe.loading import load_model_and_tokenizer
     from moe_understudy.understudy.io import save_understudies
     from moe_understudy.understudy.layerwise import fit_layer
     from moe_understudy.understudy.modules import build_understudy
@@ -122,7 +122,7 @@ def auto_understudies(
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from moe_understudy.teacher import load_model_and_tokenizer
+    from moe_understudy.moe.loading import load_model_and_tokenizer
     from moe_understudy.understudy.io import load_understudies
 
     capacities = [float(c) for c in args.capacities.split(",")]

@@ -151,7 +151,7 @@ def layer_parts(model, blocks, reps: int, intermediates: list[int]) -> list[dict
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    from moe_understudy.teacher import load_model_and_tokenizer
+    from moe_understudy.moe.loading import load_model_and_tokenizer
 
     console = Console(width=140)
     model, _ = load_model_and_tokenizer(args.model)

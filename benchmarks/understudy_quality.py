@@ -36,7 +36,7 @@ from _common import RESULTS, write_result  # noqa: E402
 from moe_understudy.capture import capture_activity  # noqa: E402
 from moe_understudy.config import EndToEndConfig  # noqa: E402
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
-from moe_understudy.teacher import load_model_and_tokenizer  # noqa: E402
+from moe_understudy.moe.loading import load_model_and_tokenizer  # noqa: E402
 from moe_understudy.understudy.distill import perplexity_with  # noqa: E402
 from moe_understudy.understudy.e2e import replacement_kl, train_end_to_end  # noqa: E402
 from moe_understudy.understudy.layerwise import fit_layer, held_out_error  # noqa: E402

@@ -8,7 +8,9 @@ import moe_understudy.teacher as teacher_mod
 from moe_understudy.config import DataConfig, TeacherConfig
 from moe_understudy.errors import UserError
 from moe_understudy.moe.adapters import find_moe_layers
-from moe_understudy.teacher import batch_indices, learning_rate, load_model_and_tokenizer, train_teacher
+from moe_understudy.moe.loading import load_model_and_tokenizer
+from moe_understudy.schedule import warmup_cosine
+from moe_understudy.teacher import batch_indices, train_teacher
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +57,17 @@ def test_interrupted_run_resumes_from_last_checkpoint_to_the_same_weights(tmp_pa
     train_teacher(cfg, straight)
 
     interrupted = tmp_path / "interrupted"
-    real_lr = teacher_mod.learning_rate
+    real_lr = teacher_mod.warmup_cosine
 
-    def crash_at_step_13(step, c):
+    def crash_at_step_13(step, *args):
         if step == 13:
             raise KeyboardInterrupt
-        return real_lr(step, c)
+        return real_lr(step, *args)
 
-    monkeypatch.setattr(teacher_mod, "learning_rate", crash_at_step_13)
+    monkeypatch.setattr(teacher_mod, "warmup_cosine", crash_at_step_13)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(cfg, interrupted)
-    monkeypatch.setattr(teacher_mod, "learning_rate", real_lr)
+    monkeypatch.setattr(teacher_mod, "warmup_cosine", real_lr)
     state = torch.load(interrupted / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 8  # the last checkpoint before the crash
     with pytest.raises(UserError, match="--resume"):
@@ -94,10 +96,14 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, co
 
 def test_learning_rate_warms_up_then_decays():
     cfg = TeacherConfig(steps=100, warmup=10, lr=1.0)
-    assert learning_rate(0, cfg) == pytest.approx(0.1)
-    assert learning_rate(9, cfg) == pytest.approx(1.0)
-    assert learning_rate(99, cfg) < learning_rate(50, cfg) < learning_rate(10, cfg)
-    assert learning_rate(100, cfg) == pytest.approx(0.1)
+    assert warmup_cosine(0, cfg.steps, cfg.lr, cfg.warmup) == pytest.approx(0.1)
+    assert warmup_cosine(9, cfg.steps, cfg.lr, cfg.warmup) == pytest.approx(1.0)
+    assert (
+        warmup_cosine(99, cfg.steps, cfg.lr, cfg.warmup)
+        < warmup_cosine(50, cfg.steps, cfg.lr, cfg.warmup)
+        < warmup_cosine(10, cfg.steps, cfg.lr, cfg.warmup)
+    )
+    assert warmup_cosine(100, cfg.steps, cfg.lr, cfg.warmup) == pytest.approx(0.1)
 
 
 def test_batches_cover_each_epoch_without_repeats():
@@ -188,17 +194,17 @@ def test_resume_keeps_existing_snapshots_and_writes_the_missing_ones(tmp_path, m
     train_teacher(cfg, straight)
 
     out = tmp_path / "interrupted"
-    real_lr = teacher_mod.learning_rate
+    real_lr = teacher_mod.warmup_cosine
 
-    def crash_at_step_7(step, c):  # step 7 is the 8th: after at-3 and the step-6 checkpoint
+    def crash_at_step_7(step, *args):  # step 7 is the 8th: after at-3 and the step-6 checkpoint
         if step == 7:
             raise KeyboardInterrupt
-        return real_lr(step, c)
+        return real_lr(step, *args)
 
-    monkeypatch.setattr(teacher_mod, "learning_rate", crash_at_step_7)
+    monkeypatch.setattr(teacher_mod, "warmup_cosine", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         train_teacher(cfg, out)
-    monkeypatch.setattr(teacher_mod, "learning_rate", real_lr)
+    monkeypatch.setattr(teacher_mod, "warmup_cosine", real_lr)
     assert (out / "at-3" / "config.json").exists() and not (out / "at-8").exists()
     written = {p.name: p.stat().st_mtime_ns for p in (out / "at-3").iterdir()}
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from moe_understudy.config import CaptureConfig
 from moe_understudy.errors import UserError
-from moe_understudy.moe.adapters import MoELayer, find_moe_layers
+from moe_understudy.moe.adapters import MoELayer, experts_call_inputs, find_moe_layers
 
 MANIFEST = "manifest.json"
 FORMAT = "moe-understudy-capture/1"
@@ -73,7 +73,7 @@ class LayerRecorder:
         )
 
     def _on_experts(self, module: nn.Module, args, kwargs, output) -> None:
-        x, indices, weights = _experts_call(args, kwargs)
+        x, indices, weights = experts_call_inputs(args, kwargs)
         self._rows["x"].append(x.detach().to("cpu", self.dtype, copy=True))
         self._rows["y"].append(output.detach().reshape(x.shape).to("cpu", self.dtype, copy=True))
         self._rows["indices"].append(indices.detach().to("cpu", torch.int32, copy=True))
@@ -99,15 +99,6 @@ class LayerRecorder:
         out = {f: torch.cat(rows) for f, rows in self._rows.items() if rows}
         self._rows = {f: [] for f in FIELDS}
         return out
-
-
-def _experts_call(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x (T, H), indices (T, k), weights (T, k)) from an experts module's call, positional or keyword."""
-    names = ("hidden_states", "top_k_index", "top_k_weights")
-    values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
-    if len(values) < 3:
-        raise UserError("The experts module was called without (hidden_states, top_k_index, top_k_weights).")
-    return values[0], values[1], values[2]
 
 
 @dataclass
@@ -307,7 +298,7 @@ def capture_blocks(cfg: CaptureConfig, tokenizer) -> dict[str, torch.Tensor]:
 
 def run_capture(cfg: CaptureConfig, console: Console | None = None) -> CaptureStore:
     """Workflow of `understudy capture`: load the model and text, record, write the store."""
-    from moe_understudy.teacher import load_model_and_tokenizer
+    from moe_understudy.moe.loading import load_model_and_tokenizer
 
     console = console or Console(stderr=True)
     model, tokenizer = load_model_and_tokenizer(cfg.model)

@@ -139,7 +139,7 @@ def inspect_model(
 
     from moe_understudy.config import DataConfig
     from moe_understudy.data import load_corpus, pack_blocks
-    from moe_understudy.teacher import load_model_and_tokenizer
+    from moe_understudy.moe.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_path)
     find_moe_layers(model)  # fail early, with the families we support, on a model without MoE layers

@@ -14,7 +14,6 @@ Run folder layout (`out_dir`):
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -37,12 +36,13 @@ from torch import nn
 from moe_understudy.config import TeacherConfig
 from moe_understudy.data import get_tokenizer, load_corpus, pack_blocks
 from moe_understudy.errors import UserError
-from moe_understudy.eval.metrics import next_token_view, token_nll
+from moe_understudy.eval.metrics import perplexity
 from moe_understudy.files import atomic_torch_save
 from moe_understudy.inspect_routing import routing_load
+from moe_understudy.moe.loading import CHECKPOINT_DIR
 from moe_understudy.moe.presets import build_model, preset_config
+from moe_understudy.schedule import warmup_cosine
 
-CHECKPOINT_DIR = "checkpoint"
 SNAPSHOT_PREFIX = "at-"
 
 
@@ -61,35 +61,12 @@ class TeacherResult:
     steps: int
 
 
-def learning_rate(step: int, cfg: TeacherConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to 10% of it at cfg.steps."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def batch_indices(step: int, num_blocks: int, batch_size: int, seed: int) -> torch.Tensor:
     """Block ids of training step `step`: epoch-wise permutations, a pure function of (step, seed)."""
     per_epoch = max(1, num_blocks // batch_size)
     epoch, offset = divmod(step, per_epoch)
     perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return perm[offset * batch_size : (offset + 1) * batch_size]
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> float:
-    """exp(mean next-token cross-entropy) of `model` over `blocks` (N, S)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start : start + batch_size].to(device)
-        total += token_nll(*next_token_view(model(input_ids=ids).logits, ids)).sum().item()
-        count += ids[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total / max(1, count))
 
 
 def _prepare_data(cfg: TeacherConfig, out_dir: Path, console: Console):
@@ -255,7 +232,7 @@ def train_teacher(
         t0 = time.perf_counter()
         for step in range(start, cfg.steps):
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, cfg)
+                group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
             ids = train_blocks[batch_indices(step, len(train_blocks), cfg.batch_size, cfg.seed)]
             out = model(input_ids=ids, labels=ids)
             loss = out.loss
@@ -335,30 +312,3 @@ def _joint_understudies(model: nn.Module, cfg: TeacherConfig):
     from moe_understudy.understudy.joint import JointUnderstudies
 
     return JointUnderstudies(model, arch=cfg.joint_understudy).attach()
-
-
-def load_model_and_tokenizer(path: str | Path, device: str | torch.device = "cpu"):
-    """(model, tokenizer) saved by `understudy teacher` or any transformers MoE checkpoint; clear errors otherwise."""
-    from transformers import AutoModelForCausalLM
-
-    from moe_understudy.data import load_tokenizer
-
-    local = Path(path).expanduser()
-    if local.is_dir() and not (local / "config.json").exists():
-        hint = (
-            " (a teacher run was started there: finish it with `understudy teacher --resume`)"
-            if (local / CHECKPOINT_DIR).exists()
-            else ""
-        )
-        raise UserError(f"{path} holds no config.json, so it is not a saved model{hint}.")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local if local.exists() else path), dtype=torch.float32
-        )
-    except OSError as err:
-        raise UserError(
-            f"Model {str(path)!r} is neither a local model folder nor reachable on the hub (offline?); "
-            f"train one with `understudy teacher --out DIR` or pass a local folder."
-        ) from err
-    tokenizer = load_tokenizer(path)
-    return model.to(device).eval(), tokenizer

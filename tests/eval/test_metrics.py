@@ -9,25 +9,30 @@ import torch
 
 from moe_understudy.eval.metrics import (
     kl_per_token,
-    masked_mean,
     next_token_view,
     perplexity,
     token_nll,
     top1_agreement,
 )
+from moe_understudy.reduce import masked_mean
 
 
-def test_uniform_logits_have_perplexity_equal_to_the_vocabulary():
-    logits = torch.zeros(5, 7)
-    assert perplexity(logits, torch.arange(5)).item() == pytest.approx(7.0, rel=1e-6)
+class _Uniform(torch.nn.Module):
+    """A causal LM stub whose next-token distribution is uniform over `vocab` tokens."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the stub a device
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, self.vocab) + self.anchor
+        return type("Out", (), {"logits": logits})()
 
 
-def test_perplexity_ignores_masked_positions():
-    logits = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
-    targets = torch.tensor([0, 0])  # second position is badly wrong
-    mask = torch.tensor([True, False])
-    assert perplexity(logits, targets, mask).item() < 1.001
-    assert perplexity(logits, targets).item() > 100
+def test_a_uniform_model_has_perplexity_equal_to_the_vocabulary():
+    blocks = torch.randint(0, 7, (5, 9), generator=torch.Generator().manual_seed(0))
+    assert perplexity(_Uniform(7), blocks, batch_size=2) == pytest.approx(7.0, rel=1e-6)
 
 
 def test_masked_mean_is_zero_on_an_empty_mask_and_fp32():

@@ -236,7 +236,7 @@ def _evaluation_worker(rank, world, port, model_dir, out_dir):
 
 def test_ep_evaluation_perplexity_under_full_equals_one_process(tmp_path):
     from moe_understudy.data import train_bpe
-    from moe_understudy.teacher import perplexity
+    from moe_understudy.eval.metrics import perplexity
 
     model_dir = tmp_path / "model"
     tokenizer = train_bpe(["def f(x):\n    return x + 1\n" * 20, "class A:\n    pass\n" * 20], 300, model_dir)

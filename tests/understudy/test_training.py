@@ -169,17 +169,17 @@ def test_interrupted_end_to_end_resumes_from_its_checkpoint_to_the_same_understu
 
     model, resumed, blocks, cfg = _e2e_setup()
     ckpt = tmp_path / "e2e.pt"
-    real_lr = e2e_mod.cosine_lr
+    real_lr = e2e_mod.warmup_cosine
 
     def crash_at_step_13(step, *args):
         if step == 13:
             raise KeyboardInterrupt
         return real_lr(step, *args)
 
-    monkeypatch.setattr(e2e_mod, "cosine_lr", crash_at_step_13)
+    monkeypatch.setattr(e2e_mod, "warmup_cosine", crash_at_step_13)
     with pytest.raises(KeyboardInterrupt):
         train_end_to_end(model, resumed, blocks, cfg, checkpoint=ckpt)
-    monkeypatch.setattr(e2e_mod, "cosine_lr", real_lr)
+    monkeypatch.setattr(e2e_mod, "warmup_cosine", real_lr)
     assert torch.load(ckpt, weights_only=False)["step"] == 10  # the last checkpoint before the crash
 
     model, resumed, blocks, cfg = _e2e_setup()  # a fresh process: understudies at their initial weights

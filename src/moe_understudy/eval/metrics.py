@@ -1,16 +1,18 @@
-"""Quality metrics as pure functions of logits: fp32 inside, masked means, safe on an empty mask.
+"""Quality metrics as pure functions of logits (fp32 inside), and the one model perplexity over blocks.
 
-Shapes: logits (N, V) over N predicted positions, targets (N,), mask (N,) bool (None = all).
+Shapes: logits (N, V) over N predicted positions, targets (N,).
 `next_token_view` turns a causal LM's (B, S, V) logits and (B, S) ids into that form.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from moe_understudy.kd.losses import kl_from_log_probs, log_probs
-from moe_understudy.reduce import masked_mean
 
 
 def next_token_view(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,9 +26,19 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def perplexity(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """exp(masked mean NLL); 1 on an empty mask."""
-    return torch.exp(masked_mean(token_nll(logits, targets), mask))
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> float:
+    """exp(mean next-token cross-entropy) of `model` over token blocks (N, S), in batches."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        ids = blocks[start : start + batch_size].to(device)
+        total += token_nll(*next_token_view(model(input_ids=ids).logits, ids)).sum().item()
+        count += ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / max(1, count))
 
 
 def kl_per_token(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

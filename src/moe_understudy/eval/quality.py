@@ -171,8 +171,8 @@ def _rows(runs, sums, recorders, priority, batch_size, num_devices, sizes) -> li
 
 def run_evaluation(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
     """`understudy evaluate`: rows for every batch size of `cfg`, written as a report in `cfg.out`."""
+    from moe_understudy.moe.loading import load_model_and_tokenizer
     from moe_understudy.report import print_table, write_report
-    from moe_understudy.teacher import load_model_and_tokenizer
 
     console = console or Console(stderr=True)
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device)

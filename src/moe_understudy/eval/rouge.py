@@ -112,7 +112,7 @@ def rouge_over_seeds(
 
 def run_rouge(cfg: RougeConfig, console: Console | None = None) -> dict:
     """`understudy rouge`: score a saved model on each file of `cfg.data`; print a table, write JSON."""
-    from moe_understudy.teacher import load_model_and_tokenizer
+    from moe_understudy.moe.loading import load_model_and_tokenizer
 
     console = console or Console(stderr=True)
     model, tokenizer = load_model_and_tokenizer(cfg.model)

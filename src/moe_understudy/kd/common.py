@@ -29,6 +29,7 @@ from moe_understudy.data.packing import IGNORE_INDEX, collate_instructions, enco
 from moe_understudy.errors import UserError
 from moe_understudy.eval.rouge import rouge_over_seeds
 from moe_understudy.files import atomic_torch_save
+from moe_understudy.schedule import warmup_cosine
 
 CHECKPOINT_DIR = "checkpoint"  # resumable training state inside the run folder
 STATE_FILE = "state.pt"
@@ -85,14 +86,6 @@ def dataset_batch(
     )
     batch["target_mask"] = batch["labels"][:, 1:] != IGNORE_INDEX
     return batch
-
-
-def lr_at(step: int, steps: int, warmup: int, peak: float) -> float:
-    """Linear warm-up to `peak`, then cosine decay to 10% of it at the last step."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 # ---- models -----------------------------------------------------------------------------------
@@ -257,7 +250,7 @@ class InstructionRecipe:
         with Progress(*columns, console=self.console, transient=True) as progress:
             task = progress.add_task(self.kind, total=cfg.steps, completed=self.start_step, info="")
             for step in range(self.start_step, cfg.steps):
-                lr = lr_at(step, cfg.steps, cfg.warmup, cfg.lr)
+                lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 terms = self._train_step(

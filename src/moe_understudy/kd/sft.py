@@ -37,7 +37,7 @@ class SFTRecipe(InstructionRecipe):
     kind = "sft"
 
     def _setup_models(self) -> None:
-        from moe_understudy.teacher import load_model_and_tokenizer
+        from moe_understudy.moe.loading import load_model_and_tokenizer
 
         cfg: SFTConfig = self.cfg
         if cfg.model in PRESETS:

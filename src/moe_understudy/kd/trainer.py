@@ -151,7 +151,7 @@ class KDRecipe(InstructionRecipe):
     # ---- setup ----------------------------------------------------------------------------
     def _setup_models(self) -> None:
         from moe_understudy.kd.sft import model_for
-        from moe_understudy.teacher import load_model_and_tokenizer
+        from moe_understudy.moe.loading import load_model_and_tokenizer
 
         cfg: KDConfig = self.cfg
         self.teacher, self.tokenizer = load_model_and_tokenizer(cfg.teacher)

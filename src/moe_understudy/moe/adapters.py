@@ -178,6 +178,16 @@ class MoELayer:
         setattr(self.parent, self.attr, self.block)
 
 
+def experts_call_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x (T, H), indices (T, k), weights (T, k)) from a call of a block's experts module, positional or
+    keyword (for forward hooks on `block.experts`)."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
+    if len(values) < 3:
+        raise UserError("The experts module was called without (hidden_states, top_k_index, top_k_weights).")
+    return values[0], values[1], values[2]
+
+
 def _block_classes() -> dict[type, str]:
     import importlib
 

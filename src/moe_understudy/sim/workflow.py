@@ -31,7 +31,7 @@ def load_trace(cfg: SimConfig, console: Console) -> RoutingTrace:
     if cfg.trace:
         return RoutingTrace.load(cfg.trace)
     if cfg.model:
-        from moe_understudy.teacher import load_model_and_tokenizer
+        from moe_understudy.moe.loading import load_model_and_tokenizer
 
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         blocks = eval_blocks(cfg.model, tokenizer, cfg)

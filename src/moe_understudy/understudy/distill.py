@@ -69,7 +69,7 @@ def perplexity_with(
     model: nn.Module, blocks: torch.Tensor, understudies: dict[int, nn.Module] | None, batch_size: int = 8
 ) -> float:
     """Held-out perplexity of `model` over `blocks` (N, S), every MoE layer in `understudies` fully replaced."""
-    from moe_understudy.teacher import perplexity
+    from moe_understudy.eval.metrics import perplexity
 
     with substituted(model, understudies or {}, fraction=1.0):
         return perplexity(model, blocks, batch_size)
@@ -156,7 +156,7 @@ def _layerwise(
 def run_distill(cfg: DistillConfig, resume: bool = False, console: Console | None = None) -> DistillResult:
     """Distil understudies for `cfg.model` from `cfg.store` into `cfg.out` (see the module docstring)."""
     from moe_understudy.data import load_corpus
-    from moe_understudy.teacher import load_model_and_tokenizer
+    from moe_understudy.moe.loading import load_model_and_tokenizer
 
     console = console or Console(stderr=True)
     out = Path(cfg.out)
@@ -232,7 +232,7 @@ def run_replace_eval(
 ) -> dict:
     """Reload saved understudies onto `model_path` and compare perplexity with every MoE layer replaced."""
     from moe_understudy.data import load_corpus
-    from moe_understudy.teacher import load_model_and_tokenizer
+    from moe_understudy.moe.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_path)
     understudies = load_understudies(understudies_path, model)

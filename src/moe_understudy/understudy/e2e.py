@@ -35,7 +35,7 @@ from torch import nn
 from moe_understudy.config import EndToEndConfig
 from moe_understudy.errors import UserError
 from moe_understudy.files import atomic_torch_save
-from moe_understudy.understudy.layerwise import cosine_lr
+from moe_understudy.schedule import warmup_cosine
 from moe_understudy.understudy.losses import kl_loss, relative_loss
 from moe_understudy.understudy.replace import substituted
 
@@ -193,7 +193,7 @@ def train_end_to_end(
                 )
                 rows = torch.randint(0, len(blocks), (min(cfg.batch_size, len(blocks)),), generator=gen)
                 for group in opt.param_groups:
-                    group["lr"] = cosine_lr(step, cfg.steps, cfg.lr, cfg.warmup)
+                    group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
                 ids = blocks[rows].to(device)
                 if cached is not None:
                     target_logp = cached[0][rows].to(device)

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from moe_understudy.capture import _experts_call
-from moe_understudy.moe.adapters import find_moe_layers
+from moe_understudy.moe.adapters import experts_call_inputs, find_moe_layers
 from moe_understudy.understudy.losses import layer_loss
 from moe_understudy.understudy.modules import Shadows, build_understudy
 
@@ -59,7 +58,7 @@ class JointUnderstudies(nn.Module):
         def record(module: nn.Module, args, kwargs, output) -> None:
             if not torch.is_grad_enabled():
                 return  # evaluation forwards are not training data
-            x, indices, weights = _experts_call(args, kwargs)
+            x, indices, weights = experts_call_inputs(args, kwargs)
             self._records.append(
                 (index, x.detach(), output.detach().reshape(x.shape), indices.detach(), weights.detach())
             )

@@ -8,12 +8,12 @@ relative error of a scale-free fit says nothing about progress).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from moe_understudy.schedule import warmup_cosine
 from moe_understudy.understudy.losses import cosine_loss, layer_loss
 from moe_understudy.understudy.modules import Shadows
 
@@ -26,14 +26,6 @@ class LayerFit:
     val_error: float  # held-out relative error of the weights kept
     steps: int  # steps actually taken (early stop may end sooner)
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out check value)
-
-
-def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warm-up to `peak`, then cosine decay to 10% of it at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def predict(module: nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -100,7 +92,7 @@ def fit_layer(
     step = 0
     for step in range(1, steps + 1):
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step - 1, steps, lr, warmup)
+            group["lr"] = warmup_cosine(step - 1, steps, lr, warmup)
         rows = torch.randint(0, n, (min(batch_tokens, n),), generator=gen)
         batch = {k: v[rows] for k, v in train.items()}
         value = layer_loss(loss, predict(module, batch), batch["y"])

@@ -80,8 +80,8 @@ def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
     reuse them. Rank 0 writes `cfg.out`/ep.json (one summary per run, the placement, and every
     rank's per-layer, per-step records per run) and ep.yaml. Returns the summaries on every rank.
     """
+    from moe_understudy.moe.loading import load_model_and_tokenizer
     from moe_understudy.runtime.scenarios import model_data_config, natural_blocks
-    from moe_understudy.teacher import load_model_and_tokenizer
 
     rank, world, device = init_distributed(cfg.backend, cfg.timeout_s)
     try:
