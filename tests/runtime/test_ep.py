@@ -20,7 +20,7 @@ from moe_understudy.config import EPConfig, RuntimeConfig
 from moe_understudy.moe.adapters import find_moe_layers
 from moe_understudy.moe.presets import TINY_FAMILIES, build_model, preset_config, tiny_config
 from moe_understudy.runtime.ep import EPRecorder, PeerFailure, patch_ep, sweep_runs
-from moe_understudy.runtime.layer import LoadAwareMoE, patch, unpatch
+from moe_understudy.runtime.layer import patch, unpatch
 from moe_understudy.runtime.placement import plan_placement, replicate_hot_experts
 from moe_understudy.understudy.modules import build_understudy
 
@@ -30,6 +30,9 @@ pytestmark = pytest.mark.dist
 build_model(preset_config("quick", vocab_size=300), seed=0)
 for _family in TINY_FAMILIES:
     build_model(tiny_config(_family), seed=0)
+
+from moe_understudy.runtime.ledger import LoadRecorder  # noqa: E402
+from moe_understudy.runtime.policies import NEEDS_SHADOWS, POLICIES  # noqa: E402
 
 ALL_POLICIES = ("full", "drop", "drop_renorm", "reroute", "understudy", "shadow", "layer", "deadline")
 
@@ -48,7 +51,7 @@ def _join(rank, world, port, timeout_s=30.0):
 
 def _stand_ins(model, policy):
 
-    arch = "shadows" if policy == "shadow" else "dense"
+    arch = "shadows" if policy in NEEDS_SHADOWS else "dense"
     return {m.index: build_understudy(arch, m, seed=m.index, intermediate=32) for m in find_moe_layers(model)}
 
 
@@ -78,15 +81,14 @@ def _equivalence_worker(rank, world, port, policies, placement_kind, out_dir, fa
     else:
         moe = find_moe_layers(model)
         placement = plan_placement(len(moe), moe[0].num_experts, world)
-    if scope == "rank":
-        # One process has no ranks: give its layers the placement's expert -> rank map by hand.
-        ranks = placement.expert_rank()[0]
-        LoadAwareMoE.capacity_groups = lambda self: ranks
     result = {}
     for policy in policies:
         stand_ins = _stand_ins(model, policy)
         with torch.no_grad():
-            patch(model, stand_ins, policy=policy, capacity_factor=0.5, capacity_scope=scope)
+            # the one-process reference simulates the same devices (contiguous experts, tokens by rank)
+            patch(
+                model, stand_ins, policy=policy, capacity_factor=0.5, capacity_scope=scope, num_devices=world
+            )
             ref = model(input_ids=ids).logits[mine]
             unpatch(model)
             recorder = EPRecorder(rank, world)
@@ -264,3 +266,112 @@ def test_ep_command_rejects_an_unknown_policy_before_launching(tmp_path):
     res = CliRunner().invoke(app, ["ep", "--policies", "full,teleport", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "teleport" in res.output
     assert not (tmp_path / "ep.yaml").exists()
+
+
+# ---- the ledger under expert parallelism: exchange, all-to-all and work equal the one-process ledger ----
+
+
+def _ledger_worker(rank, world, port, policies, priority, scope, placement_kind, out_dir):
+    _join(rank, world, port)
+    gathered = []  # bytes of every tensor handed to all_gather
+    real = dist.all_gather
+
+    def spy(tensor_list, tensor, *a, **kw):
+        gathered.append(tensor.numel() * tensor.element_size())
+        return real(tensor_list, tensor, *a, **kw)
+
+    dist.all_gather = spy
+    model, vocab = _model(None)
+    ids = torch.randint(0, vocab, (2 * world, 16), generator=torch.Generator().manual_seed(2))
+    mine = slice(2 * rank, 2 * rank + 2)
+    moe = find_moe_layers(model)
+    if placement_kind == "replicate":
+        placement = replicate_hot_experts(
+            torch.tensor([[50.0, 5, 5, 5], [5, 50, 5, 5]]), world, slots_per_rank=2
+        )
+    else:
+        placement = plan_placement(len(moe), moe[0].num_experts, world)
+    result = {}
+    for policy in policies:
+        stand_ins = _stand_ins(model, policy)
+        cfg = RuntimeConfig(policy=policy, capacity_factor=0.5, priority=priority, capacity_scope=scope)
+        with torch.no_grad():
+            one = LoadRecorder()
+            patch(model, stand_ins, config=cfg, recorder=one, placement=placement)
+            ref = model(input_ids=ids).logits[mine]
+            unpatch(model)
+            recorder = EPRecorder(rank, world)
+            patch_ep(model, placement, stand_ins, cfg, recorder, keep_all_experts=True)
+            gathered.clear()
+            out = model(input_ids=ids[mine]).logits
+            unpatch(model)
+        result[policy] = {
+            "max_diff": float((out - ref).abs().max()),
+            "records": recorder.records,
+            "gathered": list(gathered),
+            "one_process": [
+                {"dispatch": s.dispatch_bytes, "exchange": s.exchange_bytes, "rank_flops": s.rank_flops}
+                for s in one.steps
+            ],
+        }
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def _run_ledger(world, policies, priority, scope, placement_kind, tmp_path):
+    mp.start_processes(
+        _ledger_worker,
+        args=(world, free_port(), policies, priority, scope, placement_kind, tmp_path),
+        nprocs=world,
+        start_method="fork",
+    )
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def score_ranks(tmp_path_factory):
+    return _run_ledger(2, POLICIES, "score", "expert", "contiguous", tmp_path_factory.mktemp("score"))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_score_priority_ep_equals_one_process_for_every_policy(score_ranks, policy):
+    for rank in score_ranks:
+        assert rank[policy]["max_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("policy", ["full", "drop", "understudy", "reroute", "expanded_drop", "shadow"])
+def test_ep_charges_what_its_collectives_moved_and_what_the_one_process_ledger_computes(score_ranks, policy):
+    per_rank = [rank[policy] for rank in score_ranks]
+    for rank in per_rank:
+        passed = [n for rec in rank["records"] for n in rec["exchange_payloads"]]
+        assert passed == rank["gathered"]  # every all_gather payload is recorded, nothing else
+        for rec in rank["records"]:
+            assert rec["exchange_send_bytes"] == sum(rec["exchange_payloads"]) * (2 - 1)
+    one = per_rank[0]["one_process"]  # the same on every rank
+    for layer_step, ledger in enumerate(one):
+        recs = [rank["records"][layer_step] for rank in per_rank]
+        assert sum(r["exchange_send_bytes"] for r in recs) == ledger["exchange"]
+        assert sum(r["dispatch_send_bytes"] for r in recs) == ledger["dispatch"]
+        assert [r["work"] for r in recs] == pytest.approx(ledger["rank_flops"])
+
+
+def test_position_priority_capacity_policies_exchange_only_counts(score_ranks, tmp_path):
+    ranks = _run_ledger(2, ("drop", "shadow", "full"), "position", "expert", "contiguous", tmp_path)
+    for rank in ranks:
+        for policy in ("drop", "shadow", "full"):
+            assert rank[policy]["max_diff"] < 1e-5
+            for rec in rank[policy]["records"]:
+                assert rec["exchange_mode"] == "counts"
+                assert rec["exchange_payloads"] == [2 * 4 * 4]  # one (k=2, E=4) int32 table
+    rows = score_ranks[0]["drop"]["records"][0]
+    assert rows["exchange_mode"] == "rows" and sum(rows["exchange_payloads"]) > 2 * 4 * 4
+
+
+def test_rank_capacity_over_replicated_experts_equals_one_process(tmp_path):
+    policies = ("drop", "understudy", "shadow", "deadline")
+    for rank in _run_ledger(2, policies, "score", "rank", "replicate", tmp_path):
+        for policy in policies:
+            assert rank[policy]["max_diff"] < 1e-5, policy
+            for rec in rank[policy]["records"]:
+                if policy != "deadline":  # deadline dispatches late work too
+                    assert rec["rank_load"] <= rec["capacity"], (policy, rec)

@@ -232,7 +232,12 @@ def test_configure_switches_policy_between_steps(ids):
     torch.testing.assert_close(model(input_ids=ids).logits, dropped, atol=0, rtol=0)
 
 
-def test_capacity_per_rank_in_one_process_is_refused_with_a_pointer_to_expert_parallelism():
+def test_capacity_per_rank_in_one_process_needs_simulated_devices():
     model = tiny_model("mixtral")
-    with patch(model, policy="drop", capacity_scope="rank"), pytest.raises(UserError, match="--ep N"):
+    with patch(model, policy="drop", capacity_scope="rank"), pytest.raises(UserError, match="--devices N"):
         model(input_ids=make_ids())
+    rec = LoadRecorder()
+    with patch(model, policy="drop", capacity_factor=0.5, capacity_scope="rank", num_devices=2, recorder=rec):
+        model(input_ids=make_ids())
+    for step in rec.steps:  # capacity per device = ceil(0.5 * 48 tokens * 2 / 2 devices) = 24 rows
+        assert max(step.rank_rows) <= 24 and step.capacity == 24

@@ -11,7 +11,8 @@ Admission order (`priority`):
 
 Capacity is held per expert, or per group of experts (a rank under expert parallelism) when a
 ``groups`` map (E,) is given: a group takes the first ``capacity`` assignments of the queue of all
-its experts.
+its experts. Where an expert has replicas on several ranks, ``groups`` may instead give the owner
+of each assignment (T, k): the rank of the replica the assignment was routed to.
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ def queue_positions(owners: torch.Tensor, num_owners: int) -> torch.Tensor:
 
 
 def owners_of(indices: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
-    """Who holds the capacity each assignment uses: its expert, or the expert's group."""
-    return indices if groups is None else groups[indices]
+    """Who holds the capacity each assignment uses: its expert, its expert's group, or its own owner (T, k)."""
+    if groups is None:
+        return indices
+    return groups if groups.dim() == 2 else groups[indices]
 
 
 def capacity_holders(num_experts: int, groups: torch.Tensor | None) -> int:
@@ -83,7 +86,12 @@ def queue_places(
     """
     holders = capacity_holders(num_experts, groups)
     real = indices < num_experts
-    flat = torch.where(real, owners_of(indices.clamp(max=num_experts - 1), groups), holders).reshape(-1)
+    owners = (
+        owners_of(indices.clamp(max=num_experts - 1), groups)
+        if groups is None or groups.dim() == 1
+        else groups
+    )
+    flat = torch.where(real, owners, holders).reshape(-1)
     pos = torch.empty_like(flat)
     pos[order] = queue_positions(flat[order], holders + 1)
     return pos.view_as(indices)

@@ -70,15 +70,26 @@ def stand_in_output(
     """The stand-in's share (T, H) of `plan`: understudy tokens, or stand-in-served assignments; None if none."""
     kind = level_of(stand_in)
     if kind == ASSIGNMENT and bool(plan.shadow_served.any()):
-        return stand_in(x, plan.masked_indices(plan.shadow_served, num_experts), plan.weights)
+        return _in_own_dtype(stand_in, x, plan.masked_indices(plan.shadow_served, num_experts), plan.weights)
     if kind != TOKEN:
         return None
     if plan.upfront:  # deadline: the understudy ran for every token before dispatch (it overlaps it)
-        return torch.where(plan.understudy_tokens[:, None], stand_in(x).to(x.dtype), torch.zeros_like(x))
+        return torch.where(plan.understudy_tokens[:, None], _in_own_dtype(stand_in, x), torch.zeros_like(x))
     tokens = plan.understudy_tokens.nonzero().squeeze(1)
     if tokens.numel() == 0:
         return None
-    return torch.zeros_like(x).index_add(0, tokens, stand_in(x[tokens]).to(x.dtype))
+    return torch.zeros_like(x).index_add(0, tokens, _in_own_dtype(stand_in, x[tokens]))
+
+
+def _in_own_dtype(stand_in: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+    """stand_in(x, *args) computed in the stand-in's own dtype, returned in x's.
+
+    `patch` gives stand-ins their block's dtype; distillation keeps fp32 master weights under a
+    bf16 / fp16 model, and then x is upcast for the stand-in and its output cast back.
+    """
+    p = next(stand_in.parameters(), None)
+    inp = x if p is None or p.dtype == x.dtype else x.to(p.dtype)
+    return stand_in(inp, *args).to(x.dtype)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,15 @@ class Topology:
         devices = e * num_devices // num_experts if num_experts >= num_devices else e
         return Topology(num_devices, devices)
 
+    @property
+    def replicated(self) -> bool:
+        return self.placement is not None and int(self.placement.replica_count()[self.position].max()) > 1
+
+    @staticmethod
+    def of_placement(placement, position: int) -> Topology:
+        """Layer `position` of a (possibly replicated) Placement over its ranks."""
+        return Topology(placement.num_ranks, placement.expert_rank()[position], placement, position)
+
     def token_device(self, num_tokens: int) -> torch.Tensor:
         """(T,) home device of each token: R contiguous chunks of the flat batch."""
         return torch.arange(num_tokens) * self.num_devices // max(num_tokens, 1)
@@ -59,7 +68,9 @@ class Topology:
         """(T, k) device computing each sent assignment (-1 where not sent)."""
         sent = plan.sent().cpu()
         indices = plan.indices.cpu()
-        if self.placement is not None and int(self.placement.replica_count()[self.position].max()) > 1:
+        if plan.slots is not None:
+            dest = plan.slots.cpu() // self.placement.slots_per_rank
+        elif self.replicated:
             from moe_understudy.runtime.replication import assign_replicas
 
             slot = assign_replicas(indices, self.placement, self.position, sent)

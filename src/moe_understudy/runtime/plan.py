@@ -21,6 +21,9 @@ class Plan:
     dispatched:        (T, k) bool or None, sent to an expert (None: exactly the expert-served ones)
     upfront:           every token's understudy output is computed before dispatch (deadline), so
                        the understudy's work covers all T tokens, not only `understudy_tokens`
+    slots:             (T, k) long or None, the physical replica slot each assignment was routed to,
+                       when the plan fixed it (capacity per rank over replicated experts); None lets
+                       the dispatch split an expert's sent assignments over its replicas by share
 
     Every assignment is exactly one of expert-served, shadow-served, dropped, or belongs to an
     understudy token.
@@ -34,6 +37,7 @@ class Plan:
     understudy_tokens: torch.Tensor
     dispatched: torch.Tensor | None = None
     upfront: bool = False
+    slots: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

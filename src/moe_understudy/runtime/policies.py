@@ -95,7 +95,8 @@ def plan_routing(
     """Decide the fate of every assignment of `routing` under `policy` with `capacity` per expert.
 
     routing: indices/weights (T, k) and num_experts (logits (T, E) where a policy needs them).
-    groups: optional (E,) long group (rank) of each expert; `capacity` is then per group.
+    groups: optional (E,) long group (rank) of each expert, or (T, k) owner of each assignment (the
+    rank of the replica it was routed to); `capacity` is then per group.
     candidates: expanded policies' local candidates (indices (T, m), weights (T, m)); default: the
     best expert outside the top-k, all experts on one device (`expanded_candidates`).
     alternatives: reroute's (T, E - k) experts outside the top-k, best first; default from logits.
@@ -110,8 +111,16 @@ def plan_routing(
     if capacity < 0:
         raise ValueError(f"capacity must be non-negative, got {capacity}.")
     E = routing.num_experts
-    if groups is not None and groups.shape != (E,):
-        raise ValueError(f"groups must give one group per expert ({E},), got {tuple(groups.shape)}.")
+    if groups is not None and groups.shape not in ((E,), routing.indices.shape):
+        raise ValueError(
+            f"groups must give one group per expert ({E},) or one owner per assignment "
+            f"{tuple(routing.indices.shape)}, got {tuple(groups.shape)}."
+        )
+    if groups is not None and groups.dim() == 2 and policy in ("reroute", *EXPANDED):
+        raise ValueError(
+            f"Policy {policy!r} moves assignments to other experts, whose owner a per-assignment map does not "
+            "give; use capacity per expert with replicated experts, or a placement without replicas."
+        )
     if policy == "full":
         return everything_to_experts(routing.indices, routing.weights)
     if policy == "layer":

@@ -72,7 +72,7 @@ class RoutedAssignments:
 class _Planned:
     plan: object  # this rank's Plan
     capacity: int | None
-    sent: torch.Tensor  # (R, E) assignments every rank sends every expert
+    sent: torch.Tensor  # (R, P) assignments every rank sends to every physical slot
     global_tokens: int
     counts: list[int]  # tokens per rank
     exchange_payloads: list[int]  # bytes of each exchange tensor this rank passed
@@ -122,15 +122,6 @@ class ExpertParallelBackend:
     def replicated(self) -> bool:
         return int(self.copies.max()) > 1
 
-    def capacity_groups(self) -> torch.Tensor:
-        """(E,) rank holding each expert of this layer (capacity per rank needs one holder each)."""
-        if self.replicated:
-            raise UserError(
-                f"Expert {int(self.copies.argmax())} of layer {self.moe.index} has replicas on several ranks, so "
-                "capacity per rank is ambiguous; use capacity_scope 'expert' with a replicated placement."
-            )
-        return self.expert_rank
-
     # 2.-3. ----------------------------------------------------------------------------------------
     def _plan(self, core: LoadAwareMoE, routing) -> _Planned:
         mode, _ = core.exchange()
@@ -159,7 +150,9 @@ class ExpertParallelBackend:
         else:
             sent = xchg.admitted(counts, capacity)
         payload = mine.numel() * mine.element_size()
-        return _Planned(plan, capacity, sent, T, tokens, [payload], mode=xchg.COUNTS)
+        return _Planned(
+            plan, capacity, self._split_over_replicas(sent), T, tokens, [payload], mode=xchg.COUNTS
+        )
 
     def _plan_from_rows(self, core: LoadAwareMoE, routing) -> _Planned:
         moe, cfg = self.moe, core.config
@@ -190,11 +183,16 @@ class ExpertParallelBackend:
             candidates = (glob["candidate_indices"].to(dev), glob["candidate_weights"].to(dev))
         plan, capacity = core.plan(view, candidates=candidates, **known)
         first = sum(tokens[: self.rank])
-        sent = torch.zeros(self.world, moe.num_experts, dtype=torch.long)
         starts = [sum(tokens[:s]) for s in range(self.world)]
-        for s in range(self.world):
-            part = plan.rows(slice(starts[s], starts[s] + tokens[s]))
-            sent[s] = torch.bincount(part.indices[part.sent()].cpu(), minlength=moe.num_experts)
+        parts = [plan.rows(slice(starts[s], starts[s] + tokens[s])) for s in range(self.world)]
+        if plan.slots is not None:  # fixed at routing time (capacity per rank over replicas)
+            P = self.placement.num_slots
+            sent = torch.stack([torch.bincount(q.slots[q.sent()].cpu(), minlength=P) for q in parts])
+        else:
+            sent = torch.stack(
+                [torch.bincount(q.indices[q.sent()].cpu(), minlength=moe.num_experts) for q in parts]
+            )
+            sent = self._split_over_replicas(sent)
         payloads = [mine_count.numel() * mine_count.element_size(), padded.numel()]
         return _Planned(
             plan.rows(slice(first, first + T_r)),
@@ -215,14 +213,39 @@ class ExpertParallelBackend:
         share = self.placement.replica_share[self.position, slots]
         return slots[replica_of_position(positions, total, share)]
 
-    def _local_slots(self, plan, sent_counts: torch.Tensor) -> torch.Tensor:
-        """(T_r, k) slot of each of this rank's sent assignments (-1 unsent), by global token order."""
-        sent = plan.sent().cpu()
+    def _split_over_replicas(self, sent: torch.Tensor) -> torch.Tensor:
+        """(R, E) assignments each rank sends each expert -> (R, P) per physical slot.
+
+        An expert's sent assignments, in global token order (rank-major), are cut into chunks by
+        replica share (`replica_of_position`), so every rank derives the same split from counts.
+        """
+        R, P = self.world, self.placement.num_slots
+        out = torch.zeros(R, P, dtype=torch.long)
+        for e in range(self.moe.num_experts):
+            slots = self.placement.slots_of(self.position, e)
+            if slots.numel() == 1:
+                out[:, slots[0]] = sent[:, e]
+                continue
+            total = int(sent[:, e].sum())
+            source = torch.repeat_interleave(torch.arange(R), sent[:, e])  # (total,) rank of each position
+            replica = self._replica(e, torch.arange(total), total)
+            out.index_put_((source, replica), torch.ones(total, dtype=torch.long), accumulate=True)
+        return out
+
+    def _local_slots(self, plan, sent: torch.Tensor) -> torch.Tensor:
+        """(T_r, k) slot of each of this rank's sent assignments (-1 unsent)."""
+        mask = plan.sent().cpu()
+        if plan.slots is not None:
+            return torch.where(mask, plan.slots.cpu(), torch.full_like(plan.slots.cpu(), -1))
         indices = plan.indices.cpu()
         slot = torch.full_like(indices, -1)
-        offset = torch.cumsum(sent_counts, 0) - sent_counts  # (R, E) assignments of e from earlier ranks
-        total = sent_counts.sum(0)
-        flat_e, flat_sent = indices.reshape(-1), sent.reshape(-1)
+        per_expert = torch.stack(
+            [sent[:, self.placement.slots_of(self.position, e)].sum(1) for e in range(self.moe.num_experts)],
+            1,
+        )  # (R, E)
+        offset = torch.cumsum(per_expert, 0) - per_expert  # assignments of e from earlier ranks
+        total = per_expert.sum(0)
+        flat_e, flat_sent = indices.reshape(-1), mask.reshape(-1)
         flat_slot = slot.reshape(-1)
         for e in torch.unique(flat_e[flat_sent]).tolist():
             rows = ((flat_e == e) & flat_sent).nonzero().squeeze(1)
@@ -230,25 +253,13 @@ class ExpertParallelBackend:
             flat_slot[rows] = self._replica(e, positions, int(total[e]))
         return flat_slot.view_as(indices)
 
-    def _receive_layout(self, sent_counts: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-        """(rows from each source, expert of every received row in arrival order)."""
-        offset = torch.cumsum(sent_counts, 0) - sent_counts
-        total = sent_counts.sum(0)
-        splits, experts = [], []
-        for s in range(self.world):
-            per_slot = []
-            for p in self.my_slots.tolist():
-                e = int(self.slot_expert[p])
-                n = int(sent_counts[s, e])
-                if n == 0:
-                    continue
-                positions = offset[s, e] + torch.arange(n)
-                count = int((self._replica(e, positions, int(total[e])) == p).sum())
-                per_slot.append(torch.full((count,), e, dtype=torch.long))
-            got = torch.cat(per_slot) if per_slot else torch.zeros(0, dtype=torch.long)
-            splits.append(int(got.numel()))
-            experts.append(got)
-        return splits, torch.cat(experts)
+    def _receive_layout(self, sent: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """(rows from each source, expert of every received row in arrival order: by slot, then token)."""
+        mine = sent[:, self.my_slots]  # (R, my slots)
+        experts = self.slot_expert[self.my_slots]
+        splits = mine.sum(1).tolist()
+        arrival = torch.cat([torch.repeat_interleave(experts, mine[s]) for s in range(self.world)])
+        return splits, arrival
 
     # 6. ------------------------------------------------------------------------------------------
     def _local_compute(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -405,19 +416,9 @@ def patch_ep(
         check_stand_in(config.policy, moe, stand_in)
         backend = ExpertParallelBackend(moe, placement, pos, recorder, keep_all_experts)
         w = LoadAwareMoE(moe, config, stand_in, topology=backend.topology, backend=backend)
-        check_ep_policy(w)
         moe.replace(w)
         wrappers.append(w)
     return wrappers
-
-
-def check_ep_policy(wrapper: LoadAwareMoE) -> None:
-    """Refuse, in one sentence, what expert parallelism cannot run: expanded policies over replicas."""
-    if wrapper.config.policy in EXPANDED and wrapper.backend.replicated:
-        raise UserError(
-            f"Policy {wrapper.config.policy!r} reroutes to the token's own rank, which a replicated placement "
-            "does not pin; use placement contiguous or replicate with --extra-slots 0."
-        )
 
 
 def configure_ep(wrappers: list[LoadAwareMoE], config: RuntimeConfig, recorder: EPRecorder | None) -> None:
@@ -425,5 +426,4 @@ def configure_ep(wrappers: list[LoadAwareMoE], config: RuntimeConfig, recorder: 
     for w in wrappers:
         check_stand_in(config.policy, w.moe, w.stand_in)
         w.config = config
-        check_ep_policy(w)
         w.backend.recorder = recorder
