@@ -318,9 +318,21 @@ class EndToEndConfig(StageConfig):
     hidden_weight: float = 1.0  # weight of a relative last-hidden-state matching term (0 = KL only)
     eval_blocks: int = 32  # held-out blocks for the before/after check
     checkpoint_every: int = 100  # steps between resumable checkpoints (0 = none)
+    # random: a random fraction of tokens (token level) or assignments (assignment level) is
+    # substituted; serving: overflow drawn as at serving time, the runtime's `policy` at a capacity
+    # factor drawn per step from [cf_min, cf_max] under `priority`
+    overflow: str = "random"
+    policy: str = "shadow"  # serving: the policy that decides what the stand-in serves
+    priority: str = "score"  # serving: position | score
+    cf_min: float = 1.0  # serving: per step the capacity factor is drawn from [cf_min, cf_max]
+    cf_max: float = 2.0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.overflow not in ("random", "serving"):
+            raise ValueError(f"overflow must be random or serving, got {self.overflow!r}.")
+        if not 0 < self.cf_min <= self.cf_max:
+            raise ValueError("need 0 < cf_min <= cf_max.")
         if self.steps < 0 or self.blocks <= 0 or self.batch_size <= 0 or self.eval_blocks <= 0:
             raise ValueError("steps must be >= 0 and blocks, batch_size, eval_blocks positive.")
         if self.checkpoint_every < 0:
@@ -342,13 +354,20 @@ class DistillConfig(StageConfig):
     out: str = (
         "runs/understudies"  # output folder (safetensors + config.json; layerwise/ holds resume markers)
     )
-    arch: str = "dense"  # dense | lowrank | merged | small_moe | shadows
+    arch: str = "dense"  # dense | lowrank | merged | small_moe | shadows | trunk
     intermediate: int | None = None  # dense/merged/lowrank/small_moe intermediate (None: the arch default)
     rank: int | None = None  # lowrank bottleneck rank (None: hidden // 8)
     num_experts: int | None = None  # small_moe experts (None: half the layer's)
     top_k: int | None = None  # small_moe top-k (None: the layer's)
-    width: int | None = None  # shadows: per-expert intermediate (swiglu) or rank (lowrank); None: I // 4
+    width: int | None = None  # shadows: per-expert intermediate (swiglu) or rank (lowrank), None: I // 4;
+    # trunk: shared hidden width, None: I // 2
     kind: str = "swiglu"  # shadows: swiglu | lowrank
+    film: bool = True  # trunk: per-expert shifts of the hidden units beside the per-expert scales
+    init: str | None = None  # trunk: merged | union | random (None: merged); shadows: teacher | random
+    # auto: assignment-level stand-ins fit per (token, expert) targets from the experts, token-level ones
+    # the captured routed output; combined: every arch fits the captured routed output
+    objective: str = "auto"
+    extra_experts: int = 2  # assignment objective: experts beyond the top-k drawn per token from its router
     loss: str = "mse"  # layer-wise loss: mse | cosine | relative
     steps: int = 1500  # layer-wise optimiser steps per layer (upper bound; early stop may end sooner)
     batch_tokens: int = 1024  # captured rows per step
@@ -361,10 +380,14 @@ class DistillConfig(StageConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in ("dense", "lowrank", "merged", "small_moe", "shadows"):
+        if self.arch not in ("dense", "lowrank", "merged", "small_moe", "shadows", "trunk"):
             raise ValueError(
-                f"arch must be one of dense, lowrank, merged, small_moe, shadows; got {self.arch!r}."
+                f"arch must be one of dense, lowrank, merged, small_moe, shadows, trunk; got {self.arch!r}."
             )
+        if self.objective not in ("auto", "combined"):
+            raise ValueError(f"objective must be auto or combined, got {self.objective!r}.")
+        if self.extra_experts < 0:
+            raise ValueError(f"extra_experts must be >= 0, got {self.extra_experts}.")
         if self.loss not in ("mse", "cosine", "relative"):
             raise ValueError(f"loss must be mse, cosine or relative, got {self.loss!r}.")
         if self.steps <= 0 or self.batch_tokens <= 0 or self.eval_every <= 0 or self.patience <= 0:

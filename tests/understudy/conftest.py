@@ -24,13 +24,13 @@ def tiny_layer(tiny_model):
 
 
 def _routed_rows(layer, n: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Captured-style rows {x, y, indices, weights} of `layer` on random inputs."""
+    """Captured-style rows {x, y, logits, indices, weights} of `layer` on random inputs."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, layer.hidden_size, generator=g)
     with torch.no_grad():
         r = layer.route(x)
         y = layer.experts(x, r.indices, r.weights)
-    return {"x": x, "y": y, "indices": r.indices, "weights": r.weights}
+    return {"x": x, "y": y, "logits": r.logits, "indices": r.indices, "weights": r.weights}
 
 
 @pytest.fixture

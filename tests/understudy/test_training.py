@@ -257,3 +257,29 @@ def test_trainer_callback_steps_the_understudies_once_per_model_step(tiny_model)
     callback.on_train_end(None, None, None)
     tiny_model(input_ids=ids)
     assert joint.loss().item() == 0.0
+
+
+def test_end_to_end_under_serving_overflow_trains_the_stand_in_on_what_the_policy_hands_it():
+    from moe_understudy.runtime.layer import patch
+    from moe_understudy.runtime.ledger import LoadRecorder
+
+    model = build_model(tiny_config("mixtral", num_layers=2), seed=0)
+    layers = find_moe_layers(model)
+    trunks = {
+        ly.index: build_understudy("trunk", ly, seed=0, usage=torch.ones(ly.num_experts)) for ly in layers
+    }
+    blocks = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(0))
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    cfg = EndToEndConfig(
+        steps=12, blocks=8, batch_size=4, lr=3e-3, warmup=2, eval_blocks=4, overflow="serving",
+        policy="shadow", priority="score", cf_min=0.5, cf_max=1.0, hidden_weight=0.0,
+    )  # fmt: skip
+    before = {k: m.state_dict()["scale"].clone() for k, m in trunks.items()}
+    result = train_end_to_end(model, trunks, blocks, cfg)
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.history)
+    assert any(not torch.equal(before[k], m.state_dict()["scale"]) for k, m in trunks.items())
+    assert all(torch.equal(weights[n], p) for n, p in model.named_parameters())  # the model is frozen
+    rec = LoadRecorder()
+    with torch.no_grad(), patch(model, trunks, policy="shadow", capacity_factor=0.5, recorder=rec):
+        model(input_ids=blocks[:4])
+    assert sum(s.shadow for s in rec.steps) > 0  # the policy hands the trunk overflow at these capacities

@@ -96,7 +96,9 @@ def distill(
     arch: Annotated[
         str | None,
         typer.Option(
-            help="dense (SwiGLU), lowrank, merged (warm start from usage-weighted experts), small_moe or shadows (default dense)."
+            help="Token level: dense (SwiGLU), lowrank, merged (warm start from usage-weighted experts), small_moe; "
+            "assignment level: shadows (one per expert) or trunk (one SwiGLU trunk for all experts, gated per "
+            "expert; memory about half an expert) (default dense)."
         ),
     ] = None,
     loss: Annotated[
@@ -118,7 +120,32 @@ def distill(
     width: Annotated[
         int | None,
         typer.Option(
-            help="shadows: per-expert intermediate (swiglu) or rank (lowrank) (default expert intermediate / 4)."
+            help="shadows: per-expert intermediate (swiglu) or rank (lowrank) (default expert intermediate / 4); "
+            "trunk: shared hidden width (default expert intermediate / 2)."
+        ),
+    ] = None,
+    film: Annotated[
+        bool | None,
+        typer.Option(
+            "--film/--no-film",
+            help="trunk: per-expert shifts of the hidden units beside the scales (default on).",
+        ),
+    ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(help="trunk: merged (default), union or random; shadows: teacher (default) or random."),
+    ] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (default): assignment-level stand-ins fit per-(token, expert) targets from the experts "
+            "themselves; combined: fit the captured routed output."
+        ),
+    ] = None,
+    extra_experts: Annotated[
+        int | None,
+        typer.Option(
+            help="Assignment objective: experts beyond the top-k drawn per token from its router (default 2)."
         ),
     ] = None,
     kind: Annotated[str | None, typer.Option(help="shadows: swiglu or lowrank (default swiglu).")] = None,
@@ -170,6 +197,25 @@ def distill(
     e2e_fraction_max: Annotated[
         float | None,
         typer.Option(help="Highest fraction of tokens substituted per end-to-end step (default 1.0)."),
+    ] = None,
+    e2e_overflow: Annotated[
+        str | None,
+        typer.Option(
+            help="End-to-end overflow: random (a random fraction substituted, default) or serving (the --e2e-policy "
+            "decides what the stand-in serves at a capacity factor drawn per step from [--e2e-cf-min, --e2e-cf-max])."
+        ),
+    ] = None,
+    e2e_policy: Annotated[
+        str | None, typer.Option(help="serving overflow: the runtime policy (default shadow).")
+    ] = None,
+    e2e_priority: Annotated[
+        str | None, typer.Option(help="serving overflow: position or score priority (default score).")
+    ] = None,
+    e2e_cf_min: Annotated[
+        float | None, typer.Option(help="serving overflow: lowest capacity factor (default 1.0).")
+    ] = None,
+    e2e_cf_max: Annotated[
+        float | None, typer.Option(help="serving overflow: highest capacity factor (default 2.0).")
     ] = None,
     e2e_direction: Annotated[
         str | None,
@@ -226,6 +272,11 @@ def distill(
             batch_size=e2e_batch_size,
             fraction_min=e2e_fraction_min,
             fraction_max=e2e_fraction_max,
+            overflow=e2e_overflow,
+            policy=e2e_policy,
+            priority=e2e_priority,
+            cf_min=e2e_cf_min,
+            cf_max=e2e_cf_max,
             direction=e2e_direction,
             hidden_weight=e2e_hidden_weight,
             checkpoint_every=e2e_checkpoint_every,
@@ -246,6 +297,10 @@ def distill(
             top_k=top_k,
             width=width,
             kind=kind,
+            film=film,
+            init=init,
+            objective=objective,
+            extra_experts=extra_experts,
             steps=steps,
             batch_tokens=batch_tokens,
             lr=lr,

@@ -31,8 +31,8 @@ from moe_understudy.errors import UserError
 from moe_understudy.moe.adapters import MoELayer, find_moe_layers
 from moe_understudy.understudy.e2e import train_end_to_end
 from moe_understudy.understudy.io import load_understudies, save_understudies
-from moe_understudy.understudy.layerwise import fit_layer
-from moe_understudy.understudy.modules import build_understudy, cost_ratio
+from moe_understudy.understudy.layerwise import AssignmentObjective, CombinedObjective, fit_layer
+from moe_understudy.understudy.modules import ASSIGNMENT_ARCHS, build_understudy, cost_ratio
 from moe_understudy.understudy.replace import substituted
 
 E2E_CHECKPOINT = "e2e_checkpoint.pt"
@@ -61,7 +61,16 @@ def arch_kwargs(cfg: DistillConfig, store: CaptureStore, layer: MoELayer) -> dic
             "init": "teacher",
             "usage": store.usage(layer.index),
         }
-    return {"kind": cfg.kind, "width": cfg.width}
+    if cfg.arch == "trunk":
+        return {"width": cfg.width, "film": cfg.film, "init": cfg.init, "usage": store.usage(layer.index)}
+    return {"kind": cfg.kind, "width": cfg.width, "init": cfg.init}
+
+
+def layer_objective(cfg: DistillConfig, layer: MoELayer):
+    """What a layer's stand-in is fitted to: per-assignment expert targets (assignment level), else y."""
+    if cfg.arch in ASSIGNMENT_ARCHS and cfg.objective == "auto":
+        return AssignmentObjective(layer, extra=cfg.extra_experts)
+    return CombinedObjective(cfg.loss)
 
 
 @torch.no_grad()
@@ -124,7 +133,7 @@ def _layerwise(
                 module,
                 train,
                 val,
-                loss=cfg.loss,
+                objective=layer_objective(cfg, layer),
                 steps=cfg.steps,
                 batch_tokens=cfg.batch_tokens,
                 lr=cfg.lr,
@@ -144,6 +153,8 @@ def _layerwise(
                 "flops_per_token": module.flops_per_token(),
                 "layer_active_flops_per_token": layer.active_expert_flops_per_token(),
                 "cost": round(cost_ratio(module, layer), 4),
+                # per device per MoE layer, in routed experts (the stand-in is replicated on every device)
+                "memory_expert_equiv": round(module.memory_expert_equiv(layer.expert_params()), 4),
             }
             tmp = weights.with_name(weights.name + ".tmp")
             save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))

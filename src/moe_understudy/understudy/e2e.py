@@ -17,6 +17,7 @@ log-probs are computed once and cached (fp16), so a step costs one substituted f
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,13 +95,73 @@ def replacement_kl(
     return total / max(1, count)
 
 
+class _RandomSubstitution:
+    """Substitute the stand-in for a random fraction of tokens (or assignments), drawn per step."""
+
+    def __init__(self, wrappers: list, cfg: EndToEndConfig) -> None:
+        self.wrappers, self.cfg = wrappers, cfg
+
+    def teacher(self) -> None:
+        for w in self.wrappers:
+            w.fraction = 0.0
+
+    def student(self, gen: torch.Generator) -> None:
+        c = self.cfg
+        fraction = c.fraction_min + (c.fraction_max - c.fraction_min) * torch.rand((), generator=gen).item()
+        for w in self.wrappers:
+            w.fraction = fraction
+
+    def rng_states(self) -> list:
+        return [w.rng_state() for w in self.wrappers]
+
+    def set_rng_states(self, states: list, device: torch.device) -> None:
+        for w, state in zip(self.wrappers, states, strict=True):
+            w.set_rng_state(state, device)
+
+
+class _ServingOverflow:
+    """The runtime's policy decides what the stand-in serves, at a capacity factor drawn per step."""
+
+    def __init__(self, handle, cfg: EndToEndConfig) -> None:
+        self.handle, self.cfg = handle, cfg
+
+    def teacher(self) -> None:
+        self.handle.configure(policy="full")
+
+    def student(self, gen: torch.Generator) -> None:
+        c = self.cfg
+        cf = c.cf_min + (c.cf_max - c.cf_min) * torch.rand((), generator=gen).item()
+        self.handle.configure(policy=c.policy, capacity_factor=cf)
+
+    def rng_states(self) -> list:
+        return []  # the plan is a function of the routing and the drawn capacity factor
+
+    def set_rng_states(self, states: list, device: torch.device) -> None:
+        pass
+
+
+@contextmanager
+def _overflow(model: nn.Module, understudies: dict[int, nn.Module], cfg: EndToEndConfig):
+    """What decides, each step, which tokens or assignments the stand-ins serve (`cfg.overflow`)."""
+    if cfg.overflow == "serving":
+        from moe_understudy.runtime.layer import patch
+
+        handle = patch(model, understudies, policy="full", priority=cfg.priority)
+        try:
+            yield _ServingOverflow(handle, cfg)
+        finally:
+            handle.unpatch()
+        return
+    with substituted(model, understudies, seed=cfg.seed) as wrappers:
+        yield _RandomSubstitution(wrappers, cfg)
+
+
 @torch.no_grad()
 def _fresh_targets(
-    model: nn.Module, wrappers: list, ids: torch.Tensor, hidden: bool
+    model: nn.Module, overflow, ids: torch.Tensor, hidden: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The full model's log-probs (B, S, V) (and last hidden states) for `ids`, wrappers switched off."""
-    for w in wrappers:
-        w.fraction = 0.0
+    """The full model's log-probs (B, S, V) (and last hidden states) for `ids`, stand-ins switched off."""
+    overflow.teacher()
     out = model(input_ids=ids, output_hidden_states=hidden)
     return torch.log_softmax(out.logits.float(), dim=-1), (out.hidden_states[-1] if hidden else None)
 
@@ -180,17 +241,12 @@ def train_end_to_end(
             console=console or Console(stderr=True),
             disable=console is None,
         )
-        with progress, substituted(model, understudies, seed=cfg.seed) as wrappers:
+        with progress, _overflow(model, understudies, cfg) as overflow:
             task = progress.add_task("", total=cfg.steps, completed=start, loss=math.nan)
             if saved:
-                for w, state in zip(wrappers, saved["substitution_rng"], strict=True):
-                    w.set_rng_state(state, device)
+                overflow.set_rng_states(saved["substitution_rng"], device)
             log_every = max(1, cfg.steps // 20)
             for step in range(start, cfg.steps):
-                fraction = (
-                    cfg.fraction_min
-                    + (cfg.fraction_max - cfg.fraction_min) * torch.rand((), generator=gen).item()
-                )
                 rows = torch.randint(0, len(blocks), (min(cfg.batch_size, len(blocks)),), generator=gen)
                 for group in opt.param_groups:
                     group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
@@ -199,9 +255,8 @@ def train_end_to_end(
                     target_logp = cached[0][rows].to(device)
                     target_hidden = None if cached[1] is None else cached[1][rows].to(device)
                 else:
-                    target_logp, target_hidden = _fresh_targets(model, wrappers, ids, want_hidden)
-                for w in wrappers:
-                    w.fraction = fraction
+                    target_logp, target_hidden = _fresh_targets(model, overflow, ids, want_hidden)
+                overflow.student(gen)
                 loss = _step_loss(model, ids, target_logp, target_hidden, cfg)
                 if not torch.isfinite(loss):
                     raise UserError(
@@ -233,7 +288,7 @@ def train_end_to_end(
                             "understudies": {k: m.state_dict() for k, m in understudies.items()},
                             "optimizer": opt.state_dict(),
                             "generator": gen.get_state(),
-                            "substitution_rng": [w.rng_state() for w in wrappers],
+                            "substitution_rng": overflow.rng_states(),
                             "history": history,
                             "running": (running, seen),
                         },

@@ -25,8 +25,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from moe_understudy.moe.adapters import experts_call_inputs, find_moe_layers
+from moe_understudy.moe.standins import ASSIGNMENT, level_of
 from moe_understudy.understudy.losses import layer_loss
-from moe_understudy.understudy.modules import Shadows, build_understudy
+from moe_understudy.understudy.modules import build_understudy
 
 
 class JointUnderstudies(nn.Module):
@@ -87,7 +88,7 @@ class JointUnderstudies(nn.Module):
         sums: dict[int, list[torch.Tensor]] = {}
         for index, x, y, indices, weights in records:
             module = self.modules_by_layer[str(index)]
-            pred = module(x, indices, weights) if isinstance(module, Shadows) else module(x)
+            pred = module(x, indices, weights) if level_of(module) == ASSIGNMENT else module(x)
             sums.setdefault(index, []).append(layer_loss(self.loss_name, pred, y))
         return {i: torch.stack(v).mean() for i, v in sums.items()}
 

@@ -1,9 +1,15 @@
-"""Layer-wise distillation: fit one understudy to one layer's captured (x -> routed y) pairs.
+"""Layer-wise distillation: fit one stand-in to one layer from captured rows {x, y, logits, indices, weights}.
 
-AdamW with linear warm-up and cosine decay; every `eval_every` steps the held-out relative error
-is measured and the best weights kept; training stops early after `patience` checks without gain.
-The cosine loss ignores scale, so for it the held-out check uses the cosine loss instead (the
-relative error of a scale-free fit says nothing about progress).
+Two objectives:
+- `CombinedObjective` (token-level understudies, and the old way for shadows): the stand-in's output
+  for a token's routed assignments against the captured routed output y.
+- `AssignmentObjective` (assignment-level stand-ins): per (token, expert) targets computed from the
+  layer's experts themselves, S(x, e) ~ E_e(x), on the token's routed experts (weighted by their
+  combine weights) and on `extra` more experts drawn from its router distribution outside the top-k,
+  so rarely used experts get data and the stand-in holds up when the routing shifts.
+
+AdamW with linear warm-up and cosine decay; every `eval_every` steps the objective's held-out check
+runs and the best weights are kept; training stops early after `patience` checks without gain.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moe_understudy.moe.adapters import MoELayer
+from moe_understudy.moe.standins import ASSIGNMENT, level_of
 from moe_understudy.schedule import warmup_cosine
 from moe_understudy.understudy.losses import cosine_loss, layer_loss
-from moe_understudy.understudy.modules import Shadows
 
 
 @dataclass(frozen=True)
@@ -29,36 +36,111 @@ class LayerFit:
 
 
 def predict(module: nn.Module, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Understudy output for captured rows: x (N, H) (+ indices/weights (N, k) for shadows) -> (N, H)."""
+    """Stand-in output for captured rows: x (N, H) (+ indices/weights (N, k) for assignment level) -> (N, H)."""
     x = rows["x"].float()
-    if isinstance(module, Shadows):
+    if level_of(module) == ASSIGNMENT:
         return module(x, rows["indices"], rows["weights"].float())
     return module(x)
+
+
+def _chunks(rows: dict[str, torch.Tensor], chunk: int):
+    n = rows["x"].shape[0]
+    for s in range(0, n, chunk):
+        yield {k: v[s : s + chunk] for k, v in rows.items()}
 
 
 @torch.no_grad()
 def held_out_cosine(module: nn.Module, rows: dict[str, torch.Tensor], chunk: int = 8192) -> float:
     """Mean 1 - cos(U(x), y) over all held-out rows."""
-    n = rows["x"].shape[0]
-    total = 0.0
-    for s in range(0, n, chunk):
-        part = {k: v[s : s + chunk] for k, v in rows.items()}
-        total += cosine_loss(predict(module, part), part["y"]).item() * part["x"].shape[0]
-    return total / max(1, n)
+    total = sum(
+        cosine_loss(predict(module, p), p["y"]).item() * p["x"].shape[0] for p in _chunks(rows, chunk)
+    )
+    return total / max(1, rows["x"].shape[0])
 
 
 @torch.no_grad()
 def held_out_error(module: nn.Module, rows: dict[str, torch.Tensor], chunk: int = 8192) -> float:
     """Relative error sum|U(x) - y|^2 / sum|y|^2 over all held-out rows."""
     err, ref = 0.0, 0.0
-    n = rows["x"].shape[0]
-    for s in range(0, n, chunk):
-        part = {k: v[s : s + chunk] for k, v in rows.items()}
+    for part in _chunks(rows, chunk):
         y = part["y"].float()
-        pred = predict(module, part)
-        err += (pred - y).pow(2).sum().item()
+        err += (predict(module, part) - y).pow(2).sum().item()
         ref += y.pow(2).sum().item()
     return err / max(ref, 1e-12)
+
+
+class CombinedObjective:
+    """The stand-in's output for the routed assignments against the captured routed output y."""
+
+    def __init__(self, loss: str = "mse") -> None:
+        self.name = loss
+
+    def loss(
+        self, module: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        return layer_loss(self.name, predict(module, batch), batch["y"])
+
+    def check(self, module: nn.Module, rows: dict[str, torch.Tensor]) -> float:
+        return held_out_cosine(module, rows) if self.name == "cosine" else held_out_error(module, rows)
+
+    def error(self, module: nn.Module, rows: dict[str, torch.Tensor]) -> float:
+        return held_out_error(module, rows)
+
+
+class AssignmentObjective:
+    """Per (token, expert) targets from the layer's own experts: relative weighted MSE of S(x, e) vs E_e(x).
+
+    Pairs per token: its k routed experts, weighted by their combine weights, and `extra` experts drawn
+    without replacement from its router probabilities outside the top-k, weighted by their
+    probability in the family's normalisation times `extra_weight`. Held-out: the routed pairs only.
+    """
+
+    def __init__(self, layer: MoELayer, extra: int = 2, extra_weight: float = 0.5) -> None:
+        self.layer, self.extra, self.extra_weight = layer, extra, extra_weight
+
+    def _pairs(self, batch, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices (B, n), weights (B, n)) of the pairs to fit."""
+        idx, w = batch["indices"], batch["weights"].float()
+        extra = min(self.extra, self.layer.num_experts - idx.shape[1])
+        if generator is None or extra <= 0:
+            return idx, w
+        logits = batch["logits"].float()
+        probs = torch.sigmoid(logits) if self.layer.family == "deepseek_v3" else torch.softmax(logits, -1)
+        probs = probs / probs.sum(-1, keepdim=True)
+        norm = w.sum(-1, keepdim=True) / probs.gather(1, idx).sum(-1, keepdim=True).clamp_min(1e-20)
+        outside = probs.scatter(1, idx, 0.0).clamp_min(1e-12)
+        more = torch.multinomial(outside, extra, replacement=False, generator=generator)  # (B, extra)
+        more_w = probs.gather(1, more) * norm * self.extra_weight
+        return torch.cat([idx, more], 1), torch.cat([w, more_w], 1)
+
+    def _terms(self, module, batch, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted squared error, weighted squared target) summed over the batch's pairs."""
+        x = batch["x"].float()
+        idx, w = self._pairs(batch, generator)
+        n = idx.shape[1]
+        xs = x.repeat_interleave(n, 0)  # (B * n, H)
+        one = torch.ones(xs.shape[0], 1, dtype=xs.dtype)
+        with torch.no_grad():
+            target = self.layer.experts(xs, idx.reshape(-1, 1), one).float()  # unweighted E_e(x)
+        pred = module(xs, idx.reshape(-1, 1), one).float()
+        omega = w.reshape(-1)
+        return (omega * (pred - target).pow(2).sum(-1)).sum(), (omega * target.pow(2).sum(-1)).sum()
+
+    def loss(
+        self, module: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor:
+        err, ref = self._terms(module, batch, generator)
+        return err / ref.clamp_min(1e-12)
+
+    @torch.no_grad()
+    def check(self, module: nn.Module, rows: dict[str, torch.Tensor], chunk: int = 4096) -> float:
+        err, ref = 0.0, 0.0
+        for part in _chunks(rows, chunk):
+            e, r = self._terms(module, part, None)
+            err, ref = err + e.item(), ref + r.item()
+        return err / max(ref, 1e-12)
+
+    error = check
 
 
 def fit_layer(
@@ -67,6 +149,7 @@ def fit_layer(
     val: dict[str, torch.Tensor],
     *,
     loss: str = "mse",
+    objective: CombinedObjective | AssignmentObjective | None = None,
     steps: int = 1500,
     batch_tokens: int = 1024,
     lr: float = 3e-3,
@@ -77,16 +160,17 @@ def fit_layer(
     seed: int = 0,
     on_check=None,
 ) -> LayerFit:
-    """Train `module` in place on captured rows {x, y, indices, weights}; keep the best held-out weights.
+    """Train `module` in place on captured rows {x, y, logits, indices, weights}; keep the best held-out weights.
 
-    `on_check(step, val_error)` is called after each held-out check (progress display).
+    `objective` defaults to `CombinedObjective(loss)`. `on_check(step, value)` is called after each
+    held-out check (progress display).
     """
+    objective = objective or CombinedObjective(loss)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     module.train()
-    check = held_out_cosine if loss == "cosine" else held_out_error
-    start = held_out_error(module, val)
-    best, best_state, since = check(module, val), _copy_state(module), 0
+    start = objective.error(module, val)
+    best, best_state, since = objective.check(module, val), _copy_state(module), 0
     history = [(0, best)]
     n = train["x"].shape[0]
     step = 0
@@ -94,14 +178,13 @@ def fit_layer(
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step - 1, steps, lr, warmup)
         rows = torch.randint(0, n, (min(batch_tokens, n),), generator=gen)
-        batch = {k: v[rows] for k, v in train.items()}
-        value = layer_loss(loss, predict(module, batch), batch["y"])
+        value = objective.loss(module, {k: v[rows] for k, v in train.items()}, gen)
         opt.zero_grad(set_to_none=True)
         value.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         if step % eval_every == 0 or step == steps:
-            err = check(module, val)
+            err = objective.check(module, val)
             history.append((step, err))
             if on_check is not None:
                 on_check(step, err)
@@ -113,7 +196,9 @@ def fit_layer(
                     break
     module.load_state_dict(best_state)
     module.eval()
-    return LayerFit(val_error_start=start, val_error=held_out_error(module, val), steps=step, history=history)
+    return LayerFit(
+        val_error_start=start, val_error=objective.error(module, val), steps=step, history=history
+    )
 
 
 def _copy_state(module: nn.Module) -> dict[str, torch.Tensor]:

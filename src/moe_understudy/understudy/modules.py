@@ -23,8 +23,16 @@ from torch import nn
 from moe_understudy.errors import UserError
 from moe_understudy.moe.adapters import MoELayer
 from moe_understudy.moe.standins import AssignmentStandIn, TokenStandIn
+from moe_understudy.understudy.warmstart import (
+    copy_teacher_experts,
+    merge_experts_into,
+    shadows_from_experts,
+    trunk_from_experts,
+)
 
-ARCHS = ("dense", "lowrank", "merged", "small_moe", "shadows")
+ARCHS = ("dense", "lowrank", "merged", "small_moe", "shadows", "trunk")
+# Archs serving single overflowing assignments (AssignmentStandIn); the others serve whole tokens.
+ASSIGNMENT_ARCHS = ("shadows", "trunk")
 
 
 class Understudy(TokenStandIn):
@@ -230,12 +238,80 @@ class Shadows(AssignmentStandIn):
         }
 
 
+class GatedTrunk(AssignmentStandIn):
+    """One SwiGLU trunk per layer for all its experts, conditioned on the expert: S(x, e) ~ E_e(x).
+
+        g, u = G x, U x                                   (w,) each, once per token
+        h_e  = silu(g + c_e) * (u + d_e) * s_e            per (token, expert): FiLM on the hidden units
+        sum_e w_e S(x, e) = D (sum_e w_e h_e)             one down projection for all of a token's assignments
+
+    G/U (w, H), D (H, w) shared; s_e, c_e, d_e (w,) per expert (`film=False` keeps only the scales s_e).
+    All of a token's stand-in-served assignments cost one trunk pass (6 H w FLOPs) plus about 8 w
+    elementwise FLOPs each, so the cost per served assignment falls as more of a token overflows. Memory
+    is 3 H w + 3 E w parameters: at w = I / 2 about half a routed expert plus the per-expert vectors.
+    """
+
+    arch = "trunk"
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, width: int, film: bool = True) -> None:
+        super().__init__(hidden_size)
+        if width <= 0:
+            raise UserError(f"The trunk width must be positive, got {width}.")
+        self.num_experts, self.top_k, self.width, self.film = num_experts, top_k, width, film
+        self.gate_up = nn.Parameter(torch.empty(2 * width, hidden_size))  # (2w, H): G rows then U rows
+        self.down = nn.Parameter(torch.empty(hidden_size, width))  # (H, w)
+        self.scale = nn.Parameter(torch.ones(num_experts, width))  # s_e
+        self.shift = nn.Parameter(torch.zeros(num_experts, 2, width)) if film else None  # c_e, d_e
+        _init_linear(self.gate_up, hidden_size)
+        _init_linear(self.down, width, scale=0.1)
+
+    @property
+    def intermediate(self) -> int:  # the name merge_experts_into reads
+        return self.width
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """x (T, H), indices/weights (T, k) -> (T, H) weighted sum over assignments; index E is skipped."""
+        valid = indices < self.num_experts  # (T, k)
+        rows = valid.any(-1).nonzero().squeeze(1)
+        out = torch.zeros_like(x)
+        if rows.numel() == 0:
+            return out
+        g, u = F.linear(x[rows], self.gate_up).chunk(2, dim=-1)  # (R, w) each
+        idx = indices[rows].clamp(max=self.num_experts - 1)  # (R, k)
+        w = (weights[rows] * valid[rows]).to(x.dtype)[..., None]  # (R, k, 1), skipped slots weigh 0
+        if self.shift is not None:
+            shift = self.shift[idx]  # (R, k, 2, w)
+            h = F.silu(g[:, None] + shift[:, :, 0]) * (u[:, None] + shift[:, :, 1])
+        else:
+            h = (F.silu(g) * u)[:, None]
+        hidden = (h * self.scale[idx] * w).sum(1)  # (R, w)
+        return out.index_copy(0, rows, F.linear(hidden, self.down))
+
+    def flops_per_assignment(self) -> float:
+        return 6 * self.hidden_size * self.width + 8 * self.width
+
+    def token_flops(self, served: torch.Tensor) -> torch.Tensor:
+        """(T,) one trunk pass per token with any served assignment, plus the per-assignment FiLM work."""
+        n = served.sum(-1).double()
+        return (n > 0).double() * (6 * self.hidden_size * self.width) + n * (8 * self.width)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "width": self.width,
+            "film": self.film,
+        }
+
+
 _CLASSES: dict[str, type[nn.Module]] = {
     "dense": DenseUnderstudy,
     "merged": DenseUnderstudy,
     "lowrank": LowRankUnderstudy,
     "small_moe": SmallMoEUnderstudy,
     "shadows": Shadows,
+    "trunk": GatedTrunk,
 }
 
 
@@ -255,6 +331,8 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
     small_moe: num_experts (default E // 2), intermediate (default I // 2), top_k (default the layer's),
                init "random" | "teacher" (copy the router rows and expert units of the most-used experts)
     shadows:   kind "swiglu" | "lowrank", width (default I // 4), init "teacher" | "random"
+    trunk:     width (default I // 2: half an expert's FLOPs for a lone served assignment), film
+               (default True), init "merged" (needs usage) | "union" | "random"
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -292,90 +370,17 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
         if init == "teacher":
             shadows_from_experts(module, layer)
         return module
+    if arch == "trunk":
+        init = kw.pop("init", "merged")
+        module = GatedTrunk(
+            H, E, k, width=int(kw.pop("width", max(1, inter // 2))), film=bool(kw.pop("film", True))
+        )
+        if init != "random":
+            trunk_from_experts(module, layer, kw.pop("usage", None), init)
+        return module
     raise UserError(f"Unknown understudy arch {arch!r}; choose one of: {', '.join(ARCHS)}.")
 
 
 def cost_ratio(module: nn.Module, layer: MoELayer) -> float:
     """Understudy FLOPs per token over the layer's active routed-expert FLOPs per token."""
     return module.flops_per_token() / layer.active_expert_flops_per_token()
-
-
-# ---- warm starts from the teacher's experts ------------------------------------------------------
-
-
-def _unit_importance(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """(I,) a rough size of each SwiGLU unit's contribution: |gate row| |up row| |down column|."""
-    return gate.norm(dim=1) * up.norm(dim=1) * down.norm(dim=0)
-
-
-@torch.no_grad()
-def merge_experts_into(module: DenseUnderstudy, layer: MoELayer, usage: torch.Tensor) -> None:
-    """Initialise a dense SwiGLU from the usage-weighted merge of the layer's experts.
-
-    The routed output is about sum_e pi_e E_e(x) with pi_e the expert's share of router weight.
-    Experts are split into m = I_u // I groups (most used first, dealt round-robin); each group is
-    averaged with weights pi_e / Pi_g into one SwiGLU of I units whose down projection is scaled by
-    the group's share Pi_g; the m groups sit side by side. When I_u < I the merged expert keeps its
-    I_u most important units; leftover units (I_u mod I) keep their small random init.
-    """
-    E, inter = layer.num_experts, layer.expert_intermediate_size
-    if usage.shape != (E,):
-        raise UserError(f"usage must hold one value per expert ({E}), got shape {tuple(usage.shape)}.")
-    share = usage.clamp_min(0) / usage.clamp_min(0).sum().clamp_min(1e-12)  # pi_e, sums to 1
-    order = torch.argsort(share, descending=True)
-    groups = max(1, min(E, module.intermediate // inter))
-    for g in range(groups):
-        members = order[g::groups]
-        w = share[members] / share[members].sum().clamp_min(1e-12)
-        gate = sum(w[j] * layer.expert_weights(int(e))[0] for j, e in enumerate(members))
-        up = sum(w[j] * layer.expert_weights(int(e))[1] for j, e in enumerate(members))
-        down = (
-            sum(w[j] * layer.expert_weights(int(e))[2] for j, e in enumerate(members)) * share[members].sum()
-        )
-        width = min(inter, module.intermediate)
-        keep = _unit_importance(gate, up, down).topk(width).indices if width < inter else torch.arange(inter)
-        lo = g * width
-        module.gate_up[lo : lo + width] = gate[keep].float()
-        module.gate_up[module.intermediate + lo : module.intermediate + lo + width] = up[keep].float()
-        module.down[:, lo : lo + width] = down[:, keep].float()
-
-
-@torch.no_grad()
-def copy_teacher_experts(
-    module: SmallMoEUnderstudy, layer: MoELayer, usage: torch.Tensor | None = None
-) -> None:
-    """Warm start: router rows and the most important units of the most-used teacher experts.
-
-    With the teacher's own sizes (same E, I, top_k) on a softmax-top-k family this is an exact copy.
-    """
-    gate_w = layer.block.gate.weight  # (E, H)
-    E = layer.num_experts
-    order = torch.arange(E) if usage is None else torch.argsort(torch.as_tensor(usage), descending=True)
-    for j, e in enumerate(order[: module.num_experts].tolist()):
-        gate, up, down = layer.expert_weights(e)
-        width = module.intermediate
-        keep = (
-            torch.arange(gate.shape[0])
-            if width >= gate.shape[0]
-            else _unit_importance(gate, up, down).topk(width).indices
-        )
-        n = keep.numel()
-        module.router[j] = gate_w[e].float()
-        module.gate_up[j, :n] = gate[keep].float()
-        module.gate_up[j, width : width + n] = up[keep].float()
-        module.down[j, :, :n] = down[:, keep].float()
-
-
-@torch.no_grad()
-def shadows_from_experts(module: Shadows, layer: MoELayer) -> None:
-    """Warm start each "swiglu" shadow from its own expert's most important units."""
-    for e in range(module.num_experts):
-        gate, up, down = (w.float() for w in layer.expert_weights(e))
-        w = module.width
-        if module.kind == "swiglu":
-            keep = _unit_importance(gate, up, down).topk(min(w, gate.shape[0])).indices
-            n = keep.numel()
-            module.inp[e, :n] = gate[keep]
-            module.inp[e, w : w + n] = up[keep]
-            module.out[e, :, :n] = down[:, keep]
-        # "lowrank" shadows keep their random init: SwiGLU has no linear part at 0 to start from.

@@ -1,0 +1,80 @@
+"""The gated trunk: a bounded-memory assignment-level stand-in shared by all experts of a layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_understudy.moe.standins import ASSIGNMENT, level_of
+from moe_understudy.understudy.layerwise import AssignmentObjective, fit_layer
+from moe_understudy.understudy.modules import GatedTrunk, build_understudy, from_config
+
+H, INTER, E, K = 32, 32, 4, 2  # tiny mixtral: hidden, expert intermediate, experts, top-k
+
+
+def test_the_trunk_serves_single_assignments_and_reports_its_size(tiny_layer):
+    trunk = build_understudy("trunk", tiny_layer, seed=0, usage=torch.ones(E))
+    assert level_of(trunk) == ASSIGNMENT and trunk.width == INTER // 2
+    assert trunk.param_count() == 3 * H * (INTER // 2) + E * 3 * (INTER // 2)
+    # memory per device in routed experts: half an expert plus the per-expert vectors
+    assert trunk.memory_expert_equiv(tiny_layer.expert_params()) == pytest.approx(0.5 + E * 3 / (3 * H * 2))
+    assert trunk.flops_per_assignment() <= 0.5 * tiny_layer.expert_flops_per_token() + 8 * trunk.width
+
+
+def test_a_tokens_assignments_share_one_trunk_pass(tiny_layer):
+    trunk = build_understudy("trunk", tiny_layer, seed=0, usage=torch.ones(E))
+    served = torch.tensor([[True, True], [True, False], [False, False]])
+    flops = trunk.token_flops(served)
+    pass_ = 6 * H * trunk.width
+    assert flops.tolist() == [pass_ + 2 * 8 * trunk.width, pass_ + 8 * trunk.width, 0.0]
+
+
+def test_the_sum_over_a_tokens_assignments_is_the_sum_of_single_assignments(tiny_layer, routed_rows):
+    trunk = build_understudy("trunk", tiny_layer, seed=0, init="random")
+    with torch.no_grad():
+        trunk.shift.normal_()
+        trunk.scale.uniform_(0.5, 1.5)
+    rows = routed_rows(tiny_layer, n=16)
+    together = trunk(rows["x"], rows["indices"], rows["weights"])
+    apart = sum(
+        trunk(rows["x"], rows["indices"][:, j : j + 1], rows["weights"][:, j : j + 1]) for j in range(K)
+    )
+    torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-6)
+
+
+def test_skipped_assignments_contribute_nothing(tiny_layer):
+    trunk = GatedTrunk(H, E, K, width=8)
+    x = torch.randn(3, H)
+    assert torch.equal(trunk(x, torch.full((3, K), E), torch.ones(3, K)), torch.zeros(3, H))
+
+
+def test_a_union_warm_start_gives_each_expert_its_own_pruned_units(tiny_layer, routed_rows):
+    trunk = build_understudy("trunk", tiny_layer, seed=0, width=E * INTER, film=False, init="union")
+    rows = routed_rows(tiny_layer, n=32)
+    # every unit of every expert kept: the trunk is exactly the experts
+    torch.testing.assert_close(
+        trunk(rows["x"], rows["indices"], rows["weights"]), rows["y"], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_the_trunk_rebuilds_from_its_config(tiny_layer):
+    trunk = build_understudy("trunk", tiny_layer, seed=0, width=12, film=False, usage=torch.ones(E))
+    again = from_config("trunk", trunk.config())
+    assert again.config() == trunk.config() and again.shift is None
+
+
+def test_fitting_per_assignment_expert_targets_lowers_the_held_out_error(tiny_layer, routed_rows):
+    trunk = build_understudy("trunk", tiny_layer, seed=0, width=2 * INTER, usage=torch.ones(E))
+    objective = AssignmentObjective(tiny_layer, extra=1)
+    train, val = routed_rows(tiny_layer, n=1024, seed=1), routed_rows(tiny_layer, n=128, seed=2)
+    fit = fit_layer(
+        trunk, train, val, objective=objective, steps=300, batch_tokens=256, lr=1e-2, eval_every=100
+    )
+    assert fit.val_error < 0.6 * fit.val_error_start
+
+
+def test_the_assignment_objective_draws_extra_experts_outside_the_top_k(tiny_layer, routed_rows):
+    rows = routed_rows(tiny_layer, n=64)
+    idx, w = AssignmentObjective(tiny_layer, extra=1)._pairs(rows, torch.Generator().manual_seed(0))
+    assert idx.shape == (64, K + 1) and (w > 0).all()
+    assert not (idx[:, K:] == idx[:, :K]).any(-1).any()  # the extra expert is not one of the routed
