@@ -9,15 +9,17 @@ Store layout:
   manifest.json                       written LAST; a reader trusts only the shards it lists
   train/layer{L}-{shard:05d}.safetensors   x (N,H), y (N,H), logits (N,E), indices (N,k), weights (N,k)
   val/layer{L}-{shard:05d}.safetensors
-Every file is written under a temporary name and moved into place with os.replace, and an old
-manifest is removed before a new capture starts, so a killed capture leaves nothing trusted.
+Every file is written under a temporary name and moved into place with os.replace (files.py).
+A capture starts by removing an old manifest, its shards and any temporary files, so a killed
+capture leaves nothing trusted and rerunning it restarts cleanly. A reader refuses, in one sentence
+naming the file, a truncated shard, a shard holding NaN or inf, and a model the store was not
+captured from.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +27,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe_understudy.config import CaptureConfig
 from moe_understudy.errors import UserError
+from moe_understudy.files import atomic_save_tensors, atomic_write_text, load_tensors
 from moe_understudy.moe.adapters import MoELayer, experts_call_inputs, find_moe_layers
 
 MANIFEST = "manifest.json"
@@ -43,16 +45,14 @@ def shard_name(layer: int, shard: int) -> str:
     return f"layer{layer}-{shard:05d}.safetensors"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def clear_store(out: Path) -> None:
+    """Remove what an earlier (maybe killed) capture left in `out`: manifest first, then shards and temporaries."""
+    (out / MANIFEST).unlink(missing_ok=True)  # an older manifest must not vouch for shards we overwrite
+    for split in SPLITS:
+        for stale in (*(out / split).glob("layer*-*.safetensors"), *(out / split).glob("*.tmp")):
+            stale.unlink()
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
 
 
 class LayerRecorder:
@@ -124,7 +124,7 @@ def capture_activity(
     """Run `model` over token `blocks` {split: (N, S)} and write the store at `out`; returns its reader."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # an older manifest must not vouch for shards we overwrite
+    clear_store(out)
     layers = find_moe_layers(model)
     recorders = [LayerRecorder(layer, _DTYPES[dtype]).attach() for layer in layers]
     device = next(model.parameters()).device
@@ -178,7 +178,7 @@ def capture_activity(
             for ly in layers
         },
     }
-    _atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     return CaptureStore(out)
 
 
@@ -190,7 +190,7 @@ def _flush(recorders: list[LayerRecorder], log: _ShardLog, folder: Path, split: 
         rows = rec.take()
         L, E = rec.layer.index, rec.layer.num_experts
         name = shard_name(L, len(log.shards[L]))
-        _atomic_save_tensors(rows, folder / name)
+        atomic_save_tensors(rows, folder / name)
         log.shards[L].append({"file": f"{split}/{name}", "rows": int(rows["x"].shape[0])})
         idx = rows["indices"].long().reshape(-1)
         w = rows["weights"].float().reshape(-1)
@@ -214,8 +214,11 @@ class CaptureStore:
             raise UserError(
                 f"{self.path} is not a capture store{hint}; create one with `understudy capture`."
             )
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("format") != FORMAT:
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"{manifest} is not valid JSON (truncated?); capture the store again.") from err
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise UserError(
                 f"{manifest} is not a {FORMAT} manifest; recapture with this version of understudy."
             )
@@ -243,7 +246,21 @@ class CaptureStore:
 
     def load(self, layer: int, split: str = "train") -> dict[str, torch.Tensor]:
         """{x (N,H), y (N,H), logits (N,E), indices (N,k) int64, weights (N,k)} of one layer and split."""
-        parts = [load_file(str(self.path / s["file"])) for s in self._shards(split, layer)]
+        fix = f"capture the store again (understudy capture ... --out {self.path})"
+        parts = []
+        for shard in self._shards(split, layer):
+            path = self.path / shard["file"]
+            part = load_tensors(path, fix)
+            missing = [f for f in FIELDS if f not in part]
+            if missing or part["x"].shape[0] != shard["rows"]:
+                raise UserError(f"{path} does not hold the {shard['rows']} rows {MANIFEST} lists; {fix}.")
+            bad = [f for f in ("x", "y", "logits", "weights") if not bool(torch.isfinite(part[f]).all())]
+            if bad:
+                raise UserError(
+                    f"{path} holds NaN or inf values in {', '.join(bad)} (the model overflowed while captured); "
+                    f"capture again with --dtype float32 (or bfloat16, which does not overflow like float16)."
+                )
+            parts.append(part)
         out = {f: torch.cat([p[f] for p in parts]) for f in FIELDS}
         out["indices"] = out["indices"].long()
         return out
@@ -255,6 +272,15 @@ class CaptureStore:
     def check_model(self, layers: list[MoELayer]) -> None:
         """UserError naming the mismatch when `layers` (of a model) are not the ones this store recorded."""
         have = [ly.index for ly in layers]
+        for key, words, value in (
+            ("num_experts", "experts per MoE layer", layers[0].num_experts),
+            ("top_k", "experts per token (top-k)", layers[0].top_k),
+        ):
+            if key in self.manifest and int(self.manifest[key]) != value:
+                raise UserError(
+                    f"The store {self.path} was captured from a model with {self.manifest[key]} {words} but this "
+                    f"model has {value}; capture this model first."
+                )
         if layers[0].hidden_size != self.hidden_size:
             raise UserError(
                 f"The store {self.path} holds hidden size {self.hidden_size} but the model has "
@@ -301,7 +327,7 @@ def run_capture(cfg: CaptureConfig, console: Console | None = None) -> CaptureSt
     from moe_understudy.moe.loading import load_model_and_tokenizer
 
     console = console or Console(stderr=True)
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.model_dtype)
     blocks = capture_blocks(cfg, tokenizer)
     store = capture_activity(
         model,

@@ -175,14 +175,16 @@ def run_evaluation(cfg: EvalConfig, console: Console | None = None) -> dict[str,
     from moe_understudy.report import print_table, write_report
 
     console = console or Console(stderr=True)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     understudies = None
     if cfg.understudies:
         from moe_understudy.understudy.io import load_understudies
 
-        understudies = load_understudies(cfg.understudies, model, device=cfg.device)
+        understudies = load_understudies(cfg.understudies, model)  # the model's dtype and device
     layers = find_moe_layers(model)
-    scenario = build_scenario(cfg, layers[0].num_experts, tokenizer)
+    scenario = build_scenario(
+        cfg, layers[0].num_experts, tokenizer, notice=lambda m: console.print(f"[yellow]note:[/] {m}")
+    )
     console.print(
         f"scenario [bold]{scenario.name}[/]: {len(scenario.blocks)} blocks of {scenario.blocks.shape[1]} tokens, "
         f"{len(layers)} MoE layers of {layers[0].num_experts} experts (top-{layers[0].top_k}), "

@@ -78,12 +78,18 @@ def batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(blocks[: n * batch_size].split(batch_size))
 
 
-def build_scenario(cfg: EvalConfig, num_experts: int, tokenizer) -> Scenario:
-    """The scenario `cfg.scenario` asks for, on the model in `cfg.model`."""
-    data = model_data_config(cfg.model, cfg.data)
+def build_scenario(cfg: EvalConfig, num_experts: int, tokenizer, notice=None) -> Scenario:
+    """The scenario `cfg.scenario` asks for, on the model in `cfg.model`.
+
+    Natural text is `cfg.data` when given, else the model's own (see data/heldout.py; `notice`
+    receives the sentence printed when that falls back to the default corpus).
+    """
+    from moe_understudy.data.heldout import data_for, model_blocks
+
     if cfg.scenario == "domain_shift":
-        return Scenario("domain_shift", domain_shift_blocks(tokenizer, data.block_size, cfg.max_blocks))
-    blocks = natural_blocks(cfg.model, data, tokenizer, cfg.max_blocks)
+        block_size = data_for(cfg.model, cfg.data, notice=lambda _: None).block_size
+        return Scenario("domain_shift", domain_shift_blocks(tokenizer, block_size, cfg.max_blocks))
+    blocks = model_blocks(cfg.model, cfg.data, tokenizer, cfg.max_blocks, notice=notice)
     if cfg.scenario == "hot_expert":
         return Scenario("hot_expert", blocks, hot_expert_bias(num_experts, cfg.hot_expert, cfg.hot_bias))
     return Scenario("natural", blocks)

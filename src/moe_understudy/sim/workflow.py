@@ -33,7 +33,7 @@ def load_trace(cfg: SimConfig, console: Console) -> RoutingTrace:
     if cfg.model:
         from moe_understudy.moe.loading import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
         blocks = eval_blocks(cfg.model, tokenizer, cfg)
         with console.status(f"capturing routing of {len(blocks)} blocks"):
             return capture_trace(model, blocks, batch_size=8, source=str(cfg.model))
@@ -41,21 +41,10 @@ def load_trace(cfg: SimConfig, console: Console) -> RoutingTrace:
 
 
 def eval_blocks(model_dir: str | Path, tokenizer, cfg: Any) -> torch.Tensor:
-    """(N, S) held-out blocks: the model folder's cached validation blocks, else packed from `cfg.data`."""
-    cache = Path(model_dir) / "blocks.pt"
-    if cache.is_file():
-        blocks = torch.load(cache)["val"]
-    else:
-        from moe_understudy.data import load_corpus, pack_blocks
+    """(N, S) held-out blocks: `cfg.data` when given, else the model's own (data/heldout.py)."""
+    from moe_understudy.data.heldout import model_blocks
 
-        blocks = pack_blocks(
-            load_corpus(cfg.data).val, tokenizer, cfg.data.block_size, max_blocks=cfg.max_blocks
-        )
-    if len(blocks) == 0:
-        raise UserError(
-            f"No held-out text to capture routing from for {model_dir}; point --data at a larger corpus."
-        )
-    return blocks[: cfg.max_blocks]
+    return model_blocks(model_dir, cfg.data, tokenizer, cfg.max_blocks)
 
 
 def quality_lookup(path: str | Path, policy: str, capacity_factor: float) -> str:

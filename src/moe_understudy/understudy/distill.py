@@ -14,7 +14,6 @@ from its checkpoint and reuses a finished one.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +21,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moe_understudy.capture import CaptureStore, spread_blocks
 from moe_understudy.config import DistillConfig
 from moe_understudy.errors import UserError
+from moe_understudy.files import atomic_save_tensors, load_tensors
 from moe_understudy.moe.adapters import MoELayer, find_moe_layers
 from moe_understudy.understudy.e2e import train_end_to_end
 from moe_understudy.understudy.io import load_understudies, save_understudies
@@ -120,7 +119,7 @@ def _layerwise(
             module = build_understudy(cfg.arch, layer, seed=cfg.seed + L, **arch_kwargs(cfg, store, layer))
             marker, weights = folder / f"layer{L}.json", folder / f"layer{L}.safetensors"
             if marker.exists() and weights.exists():
-                module.load_state_dict(load_file(str(weights)))
+                module.load_state_dict(load_tensors(weights, f"delete {marker} to fit layer {L} again"))
                 understudies[L], metrics[L] = module.eval(), json.loads(marker.read_text())
                 continue
             train, val = store.load(L, "train"), store.load(L, "val")
@@ -156,9 +155,7 @@ def _layerwise(
                 # per device per MoE layer, in routed experts (the stand-in is replicated on every device)
                 "memory_expert_equiv": round(module.memory_expert_equiv(layer.expert_params()), 4),
             }
-            tmp = weights.with_name(weights.name + ".tmp")
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
-            os.replace(tmp, weights)
+            atomic_save_tensors(module.state_dict(), weights)
             marker.write_text(json.dumps(metrics[L], indent=1))  # written last: the layer is done
             understudies[L] = module
     return understudies, metrics
@@ -173,13 +170,16 @@ def run_distill(cfg: DistillConfig, resume: bool = False, console: Console | Non
     out = Path(cfg.out)
     _check_out_dir(cfg, out, resume)
     store = CaptureStore(cfg.store)
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     store.check_model(find_moe_layers(model))
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "distill.yaml")
     torch.manual_seed(cfg.seed)
 
     understudies, metrics = _layerwise(cfg, model, store, out, console)
+    device = next(model.parameters()).device
+    for module in understudies.values():  # fp32 master weights beside a model of any dtype
+        module.to(device=device, dtype=torch.float32)
     save_understudies(out / "layerwise", understudies, model)
     report: dict = {"config": cfg.to_dict(), "layers": {str(k): v for k, v in metrics.items()}}
 
@@ -191,7 +191,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, console: Console | Non
     report["ppl_layerwise"] = round(perplexity_with(model, val_blocks, understudies), 4)
     e2e_done = out / "e2e.json"
     if e2e.steps > 0 and resume and e2e_done.exists() and (out / "config.json").exists():
-        understudies = load_understudies(out, model)
+        understudies = load_understudies(out, model, dtype=torch.float32)
         report["e2e"] = json.loads(e2e_done.read_text())
     elif e2e.steps > 0:
         train_blocks = spread_blocks(corpus.train, tokenizer, S, e2e.blocks, seed=e2e.seed, oversample=4)
@@ -239,13 +239,22 @@ def summary_table(report: dict) -> Table:
 
 
 def run_replace_eval(
-    model_path: str, understudies_path: str, data, blocks: int = 32, console: Console | None = None
+    model_path: str,
+    understudies_path: str,
+    data,
+    blocks: int = 32,
+    console: Console | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
-    """Reload saved understudies onto `model_path` and compare perplexity with every MoE layer replaced."""
+    """Reload saved understudies onto `model_path` and compare perplexity with every MoE layer replaced.
+
+    The model comes in `dtype` on `device`; the understudies follow it.
+    """
     from moe_understudy.data import load_corpus
     from moe_understudy.moe.loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    model, tokenizer = load_model_and_tokenizer(model_path, device, dtype)
     understudies = load_understudies(understudies_path, model)
     val = spread_blocks(load_corpus(data).val, tokenizer, data.block_size, blocks, seed=data.seed + 2)
     teacher = perplexity_with(model, val, None)

@@ -58,13 +58,18 @@ def build_placement(
     if cfg.placement == "replicate":
         if calibration is None or len(calibration) == 0:
             raise UserError(
-                "Placement 'replicate' needs calibration text (the model folder's train blocks); none found."
+                "Placement 'replicate' needs calibration text (the model folder's train blocks, else "
+                "the train split of --data); none found."
             )
         base = -(-E // world)
         return plan_placement(
             L, E, world, load=measured_load(model, calibration), slots_per_rank=base + cfg.extra_slots
         )
     return plan_placement(L, E, world, path=cfg.placement)
+
+
+def _quiet(message: str) -> None:
+    """Drop a notice another rank (or an earlier call) already printed."""
 
 
 def sweep_runs(cfg: EPConfig) -> list[tuple[str, float]]:
@@ -80,19 +85,22 @@ def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
     reuse them. Rank 0 writes `cfg.out`/ep.json (one summary per run, the placement, and every
     rank's per-layer, per-step records per run) and ep.yaml. Returns the summaries on every rank.
     """
+    from moe_understudy.data.heldout import model_blocks
     from moe_understudy.moe.loading import load_model_and_tokenizer
-    from moe_understudy.runtime.scenarios import model_data_config, natural_blocks
 
     rank, world, device = init_distributed(cfg.backend, cfg.timeout_s)
     try:
         torch.manual_seed(0)
-        model, tokenizer = load_model_and_tokenizer(cfg.model, device=device)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device=device, dtype=cfg.dtype)
         understudies = None
         if cfg.understudies:
             from moe_understudy.understudy.io import load_understudies
 
             understudies = load_understudies(cfg.understudies, model, device=device)
-        blocks = natural_blocks(cfg.model, model_data_config(cfg.model, cfg.data), tokenizer, cfg.max_blocks)
+        quiet = rank != 0  # one notice per run, not one per rank
+        blocks = model_blocks(
+            cfg.model, cfg.data, tokenizer, cfg.max_blocks, notice=_quiet if quiet else None
+        )
         per_step = world * cfg.blocks_per_rank
         steps = len(blocks) // per_step
         if steps == 0:
@@ -100,8 +108,9 @@ def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
                 f"{len(blocks)} blocks cannot fill one step of {world} ranks x {cfg.blocks_per_rank} blocks; "
                 f"lower --blocks-per-rank."
             )
-        cache = Path(cfg.model) / "blocks.pt"
-        calibration = torch.load(cache)["train"][:32] if cache.is_file() else None
+        calibration = None
+        if cfg.placement == "replicate":  # the folder's train blocks, else the train split of --data
+            calibration = model_blocks(cfg.model, cfg.data, tokenizer, 32, split="train", notice=_quiet)
         placement = build_placement(cfg, model, world, calibration)
         wrappers = patch_ep(model, placement, understudies, RuntimeConfig())
         summaries, all_records = [], {}
