@@ -65,6 +65,20 @@ def _coerce(hint: Any, value: Any) -> Any:
     return value
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # what --dtype takes (moe/loading.py makes torch dtypes of them)
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def _canonical_dtypes(cfg: StageConfig, *names: str) -> None:
+    """Validate the dtype fields `names` of `cfg`, writing bf16 / fp16 / fp32 as their full names."""
+    for name in names:
+        value = getattr(cfg, name)
+        canonical = _DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
+        if canonical not in DTYPES:
+            raise ValueError(f"{name} must be one of {', '.join(DTYPES)}; got {value!r}.")
+        object.__setattr__(cfg, name, canonical)
+
+
 @dataclass(frozen=True)
 class DataConfig(StageConfig):
     """Where text comes from and how it becomes token blocks."""
@@ -129,6 +143,25 @@ class TeacherConfig(StageConfig):
             eval_every=20,
             eval_batches=2,
         )
+
+
+@dataclass(frozen=True)
+class InspectConfig(StageConfig):
+    """Per-layer expert load of a model on some text (`understudy inspect`)."""
+
+    model: str = "runs/teacher"  # saved model folder or a transformers MoE checkpoint
+    data: DataConfig = field(default_factory=DataConfig)  # text routed (its validation split)
+    blocks: int = 64  # blocks of text routed
+    batch_size: int = 8  # blocks per forward (the "layer-batch" of the max/mean figure)
+    heatmap: str | None = None  # layer x expert load heatmap PNG, if wanted
+    json_out: str | None = None  # the figures as JSON, if wanted
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # the model's dtype: float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        _canonical_dtypes(self, "dtype")
+        if self.blocks <= 0 or self.batch_size <= 0:
+            raise ValueError("blocks and batch_size must be positive.")
 
 
 # ---- kd ----
@@ -248,8 +281,11 @@ class RougeConfig(StageConfig):
     batch_size: int = 16  # prompts generated together (left padding, KV cache)
     limit: int | None = None  # examples per dataset (None: all)
     out: str | None = None  # JSON report path (None: print only)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # the model's dtype: float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
+        _canonical_dtypes(self, "dtype")
         if not self.data:
             raise ValueError("give at least one instruction file to score.")
         if not self.greedy and not self.seeds:
@@ -285,14 +321,15 @@ class CaptureConfig(StageConfig):
     batch_size: int = 8  # blocks per forward pass
     shard_tokens: int = 16_384  # rows per shard file
     dtype: str = "float32"  # stored dtype of x, y, logits, weights: float32 | float16 | bfloat16
+    model_dtype: str = "float32"  # dtype the model runs in while captured (--dtype sets both)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
 
     def __post_init__(self) -> None:
         if self.tokens < self.data.block_size or self.val_tokens < self.data.block_size:
             raise ValueError(f"tokens and val_tokens must hold at least one block of {self.data.block_size}.")
         if self.batch_size <= 0 or self.shard_tokens <= 0:
             raise ValueError("batch_size and shard_tokens must be positive.")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}.")
+        _canonical_dtypes(self, "dtype", "model_dtype")
 
 
 @dataclass(frozen=True)
@@ -378,12 +415,17 @@ class DistillConfig(StageConfig):
     patience: int = 5  # stop a layer after this many checks without improvement
     e2e: EndToEndConfig = field(default_factory=EndToEndConfig)  # end-to-end stage (steps 0 = off)
     seed: int = 0
+    # the model's dtype in the end-to-end stage and the perplexity checks; understudies keep fp32
+    # master weights (the core upcasts their inputs) and are saved in fp32
+    dtype: str = "float32"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
 
     def __post_init__(self) -> None:
         if self.arch not in ("dense", "lowrank", "merged", "small_moe", "shadows", "trunk"):
             raise ValueError(
                 f"arch must be one of dense, lowrank, merged, small_moe, shadows, trunk; got {self.arch!r}."
             )
+        _canonical_dtypes(self, "dtype")
         if self.objective not in ("auto", "combined"):
             raise ValueError(f"objective must be auto or combined, got {self.objective!r}.")
         if self.extra_experts < 0:
@@ -394,6 +436,24 @@ class DistillConfig(StageConfig):
             raise ValueError("steps, batch_tokens, eval_every and patience must be positive.")
         if self.lr <= 0:
             raise ValueError("lr must be positive.")
+
+
+@dataclass(frozen=True)
+class ReplaceEvalConfig(StageConfig):
+    """Perplexity with every MoE layer replaced by its saved understudy (`understudy replace-eval`)."""
+
+    model: str = "runs/teacher"  # the model the understudies were distilled for
+    understudies: str = "runs/understudies"  # folder (or hub id) written by `understudy distill`
+    data: DataConfig = field(default_factory=DataConfig)  # held-out text (its validation split)
+    blocks: int = 32  # held-out blocks scored
+    json_out: str | None = None  # the figures as JSON, if wanted
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # the model's dtype (the understudies follow it)
+
+    def __post_init__(self) -> None:
+        _canonical_dtypes(self, "dtype")
+        if self.blocks <= 0:
+            raise ValueError(f"blocks must be positive, got {self.blocks}.")
 
 
 # ---- runtime ----
@@ -470,9 +530,9 @@ class EvalConfig(StageConfig):
     scenario: str = "natural"  # natural (held-out text) | domain_shift | hot_expert
     hot_expert: int = 0  # hot_expert: the expert whose router logit is raised (every layer)
     hot_bias: float = 2.0  # hot_expert: logit bias added to that expert
-    data: DataConfig = field(
-        default_factory=DataConfig
-    )  # corpus for natural text when the model folder has no cached blocks
+    # natural text: None means the model's own (its cached held-out blocks, its teacher.yaml corpus,
+    # else the default corpus with a printed notice); a DataConfig means the user's text
+    data: DataConfig | None = None
     max_blocks: int = 64  # evaluation blocks (of data.block_size tokens)
     batch_sizes: tuple[int, ...] = (
         8,
@@ -481,11 +541,13 @@ class EvalConfig(StageConfig):
     readmit: bool = True  # understudy policy: refill freed capacity (see RuntimeConfig)
     threshold: float | None = None  # layer policy threshold (see RuntimeConfig)
     latency: float = 0.0  # deadline policy latency in assignment-times (see RuntimeConfig)
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # the model's dtype (stand-ins follow it): float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
         from moe_understudy.runtime.policies import POLICIES, PRIORITIES
 
+        _canonical_dtypes(self, "dtype")
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise ValueError(
@@ -527,16 +589,20 @@ class EPConfig(StageConfig):
         "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file
     )
     extra_slots: int = 0  # replicate: expert slots per rank beyond ceil(E / ranks) (the memory budget)
-    data: DataConfig = field(default_factory=DataConfig)  # corpus when the model folder has no cached blocks
+    # text to evaluate on and, for placement replicate, to measure load on: None means the model's
+    # own (cached blocks, its teacher.yaml corpus, else the default corpus with a notice)
+    data: DataConfig | None = None
     max_blocks: int = 64  # evaluation blocks over all ranks (of data.block_size tokens)
     blocks_per_rank: int = 2  # blocks each rank contributes to one step; global batch = ranks x this
     out: str = "runs/ep"  # report folder: ep.json (per rank and step statistics) and ep.yaml
     timeout_s: float = 60.0  # collective timeout: a dead rank makes the others fail after this long
     backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    dtype: str = "float32"  # the model's dtype on every rank (stand-ins follow it)
 
     def __post_init__(self) -> None:
         from moe_understudy.runtime.policies import POLICIES, PRIORITIES
 
+        _canonical_dtypes(self, "dtype")
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise ValueError(
@@ -590,10 +656,12 @@ class SimConfig(StageConfig):
     synthetic_experts: int = 8  # synthetic trace: experts per layer
     synthetic_layers: int = 4  # synthetic trace: MoE layers
     top_k: int = 2  # synthetic trace: experts per token
-    data: DataConfig = field(
-        default_factory=DataConfig
-    )  # corpus for capture when the model folder has no blocks
+    # text the trace is captured on: None means the model's own (cached blocks, its teacher.yaml
+    # corpus, else the default corpus with a notice)
+    data: DataConfig | None = None
     max_blocks: int = 64  # blocks captured from the model
+    device: str = "cpu"  # where the model runs while its trace is captured
+    dtype: str = "float32"  # the model's dtype while its trace is captured
     ranks: tuple[int, ...] = (
         8,
         16,
@@ -617,6 +685,7 @@ class SimConfig(StageConfig):
     def __post_init__(self) -> None:
         from moe_understudy.runtime.policies import PRIORITIES
 
+        _canonical_dtypes(self, "dtype")
         bad = [p for p in self.policies if p not in SIM_POLICIES]
         if bad or not self.policies:
             raise ValueError(
