@@ -12,5 +12,6 @@ from moe_understudy.cli import understudies
 from moe_understudy.cli import runtime
 from moe_understudy.cli import parallel
 from moe_understudy.cli import kd
+from moe_understudy.cli import serve
 
 __all__ = ["app"]
