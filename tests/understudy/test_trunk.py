@@ -78,3 +78,14 @@ def test_the_assignment_objective_draws_extra_experts_outside_the_top_k(tiny_lay
     idx, w = AssignmentObjective(tiny_layer, extra=1)._pairs(rows, torch.Generator().manual_seed(0))
     assert idx.shape == (64, K + 1) and (w > 0).all()
     assert not (idx[:, K:] == idx[:, :K]).any(-1).any()  # the extra expert is not one of the routed
+
+
+def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(tiny_layer, routed_rows):
+    from moe_understudy.moe.standins import AssignmentStandIn
+
+    trunk = build_understudy("trunk", tiny_layer, seed=0, init="random")
+    with torch.no_grad():
+        trunk.shift.normal_()
+    rows = routed_rows(tiny_layer, n=8)
+    generic = AssignmentStandIn.pair_outputs(trunk, rows["x"], rows["indices"])  # one forward per pair
+    torch.testing.assert_close(trunk.pair_outputs(rows["x"], rows["indices"]), generic, rtol=1e-5, atol=1e-6)

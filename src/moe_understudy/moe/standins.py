@@ -72,6 +72,12 @@ class AssignmentStandIn(StandIn):
     ) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def pair_outputs(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x (N, H), indices (N, n) -> (N, n, H): unweighted S(x, e) for each of the n experts (fitting)."""
+        N, n = indices.shape
+        one = torch.ones(N * n, 1, dtype=x.dtype, device=x.device)
+        return self(x.repeat_interleave(n, 0), indices.reshape(-1, 1), one).view(N, n, -1)
+
     def flops_per_assignment(self) -> float:  # pragma: no cover - every subclass overrides
         """FLOPs of serving one assignment alone (a token with one overflowing assignment)."""
         raise NotImplementedError

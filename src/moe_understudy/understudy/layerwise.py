@@ -75,9 +75,12 @@ class CombinedObjective:
     def __init__(self, loss: str = "mse") -> None:
         self.name = loss
 
-    def loss(
-        self, module: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
-    ) -> torch.Tensor:
+    def prepare(
+        self, rows: dict[str, torch.Tensor], generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
+        return rows
+
+    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return layer_loss(self.name, predict(module, batch), batch["y"])
 
     def check(self, module: nn.Module, rows: dict[str, torch.Tensor]) -> float:
@@ -91,52 +94,59 @@ class AssignmentObjective:
     """Per (token, expert) targets from the layer's own experts: relative weighted MSE of S(x, e) vs E_e(x).
 
     Pairs per token: its k routed experts, weighted by their combine weights, and `extra` experts drawn
-    without replacement from its router probabilities outside the top-k, weighted by their
-    probability in the family's normalisation times `extra_weight`. Held-out: the routed pairs only.
+    once (seeded) without replacement from its router probabilities outside the top-k, weighted by
+    their probability in the family's normalisation times `extra_weight`. The experts' outputs for
+    every pair are computed once (`prepare`), so a step costs only the stand-in. Held-out rows get
+    the routed pairs only.
     """
 
     def __init__(self, layer: MoELayer, extra: int = 2, extra_weight: float = 0.5) -> None:
         self.layer, self.extra, self.extra_weight = layer, extra, extra_weight
 
-    def _pairs(self, batch, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices (B, n), weights (B, n)) of the pairs to fit."""
-        idx, w = batch["indices"], batch["weights"].float()
+    def _pairs(self, rows, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices (N, n), weights (N, n)) of the pairs to fit."""
+        idx, w = rows["indices"], rows["weights"].float()
         extra = min(self.extra, self.layer.num_experts - idx.shape[1])
         if generator is None or extra <= 0:
             return idx, w
-        logits = batch["logits"].float()
+        logits = rows["logits"].float()
         probs = torch.sigmoid(logits) if self.layer.family == "deepseek_v3" else torch.softmax(logits, -1)
         probs = probs / probs.sum(-1, keepdim=True)
         norm = w.sum(-1, keepdim=True) / probs.gather(1, idx).sum(-1, keepdim=True).clamp_min(1e-20)
         outside = probs.scatter(1, idx, 0.0).clamp_min(1e-12)
-        more = torch.multinomial(outside, extra, replacement=False, generator=generator)  # (B, extra)
+        more = torch.multinomial(outside, extra, replacement=False, generator=generator)  # (N, extra)
         more_w = probs.gather(1, more) * norm * self.extra_weight
         return torch.cat([idx, more], 1), torch.cat([w, more_w], 1)
 
-    def _terms(self, module, batch, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def prepare(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None, chunk: int = 4096):
+        """`rows` plus pair_indices / pair_weights (N, n) and the experts' own outputs pair_targets (N, n, H)."""
+        idx, w = self._pairs(rows, generator)
+        N, n = idx.shape
+        targets = torch.empty(N, n, rows["x"].shape[1])
+        for s in range(0, N, chunk):
+            x = rows["x"][s : s + chunk].float()
+            flat = idx[s : s + chunk].reshape(-1, 1)
+            out = self.layer.experts(x.repeat_interleave(n, 0), flat, torch.ones(flat.shape[0], 1))
+            targets[s : s + chunk] = out.view(x.shape[0], n, -1).float()
+        return {**rows, "pair_indices": idx, "pair_weights": w, "pair_targets": targets}
+
+    @staticmethod
+    def _terms(module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(weighted squared error, weighted squared target) summed over the batch's pairs."""
-        x = batch["x"].float()
-        idx, w = self._pairs(batch, generator)
-        n = idx.shape[1]
-        xs = x.repeat_interleave(n, 0)  # (B * n, H)
-        one = torch.ones(xs.shape[0], 1, dtype=xs.dtype)
-        with torch.no_grad():
-            target = self.layer.experts(xs, idx.reshape(-1, 1), one).float()  # unweighted E_e(x)
-        pred = module(xs, idx.reshape(-1, 1), one).float()
-        omega = w.reshape(-1)
+        target, omega = batch["pair_targets"], batch["pair_weights"]
+        pred = module.pair_outputs(batch["x"].float(), batch["pair_indices"]).float()  # (B, n, H)
         return (omega * (pred - target).pow(2).sum(-1)).sum(), (omega * target.pow(2).sum(-1)).sum()
 
-    def loss(
-        self, module: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
-    ) -> torch.Tensor:
-        err, ref = self._terms(module, batch, generator)
+    def loss(self, module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        err, ref = self._terms(module, batch)
         return err / ref.clamp_min(1e-12)
 
     @torch.no_grad()
     def check(self, module: nn.Module, rows: dict[str, torch.Tensor], chunk: int = 4096) -> float:
         err, ref = 0.0, 0.0
         for part in _chunks(rows, chunk):
-            e, r = self._terms(module, part, None)
+            e, r = self._terms(module, part)
             err, ref = err + e.item(), ref + r.item()
         return err / max(ref, 1e-12)
 
@@ -167,6 +177,7 @@ def fit_layer(
     """
     objective = objective or CombinedObjective(loss)
     gen = torch.Generator().manual_seed(seed)
+    train, val = objective.prepare(train, gen), objective.prepare(val, None)
     opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay)
     module.train()
     start = objective.error(module, val)
@@ -178,7 +189,7 @@ def fit_layer(
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step - 1, steps, lr, warmup)
         rows = torch.randint(0, n, (min(batch_tokens, n),), generator=gen)
-        value = objective.loss(module, {k: v[rows] for k, v in train.items()}, gen)
+        value = objective.loss(module, {k: v[rows] for k, v in train.items()})
         opt.zero_grad(set_to_none=True)
         value.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)

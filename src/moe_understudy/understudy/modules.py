@@ -279,13 +279,22 @@ class GatedTrunk(AssignmentStandIn):
         g, u = F.linear(x[rows], self.gate_up).chunk(2, dim=-1)  # (R, w) each
         idx = indices[rows].clamp(max=self.num_experts - 1)  # (R, k)
         w = (weights[rows] * valid[rows]).to(x.dtype)[..., None]  # (R, k, 1), skipped slots weigh 0
+        hidden = (self._hidden(g, u, idx) * w).sum(1)  # (R, w)
+        return out.index_copy(0, rows, F.linear(hidden, self.down))
+
+    def _hidden(self, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """g, u (R, w), idx (R, n) -> (R, n, w): each expert's conditioned hidden units."""
         if self.shift is not None:
-            shift = self.shift[idx]  # (R, k, 2, w)
+            shift = self.shift[idx]  # (R, n, 2, w)
             h = F.silu(g[:, None] + shift[:, :, 0]) * (u[:, None] + shift[:, :, 1])
         else:
             h = (F.silu(g) * u)[:, None]
-        hidden = (h * self.scale[idx] * w).sum(1)  # (R, w)
-        return out.index_copy(0, rows, F.linear(hidden, self.down))
+        return h * self.scale[idx]
+
+    def pair_outputs(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x (N, H), indices (N, n) -> (N, n, H): one trunk pass per token, one down projection per pair."""
+        g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(self._hidden(g, u, indices), self.down)
 
     def flops_per_assignment(self) -> float:
         return 6 * self.hidden_size * self.width + 8 * self.width
