@@ -14,11 +14,15 @@ H, INTER, E, K = 32, 32, 4, 2  # tiny mixtral: hidden, expert intermediate, expe
 
 def test_the_trunk_serves_single_assignments_and_reports_its_size(tiny_layer):
     trunk = build_understudy("trunk", tiny_layer, seed=0, usage=torch.ones(E))
-    assert level_of(trunk) == ASSIGNMENT and trunk.width == INTER // 2
-    assert trunk.param_count() == 3 * H * (INTER // 2) + E * 3 * (INTER // 2)
-    # memory per device in routed experts: half an expert plus the per-expert vectors
-    assert trunk.memory_expert_equiv(tiny_layer.expert_params()) == pytest.approx(0.5 + E * 3 / (3 * H * 2))
-    assert trunk.flops_per_assignment() <= 0.5 * tiny_layer.expert_flops_per_token() + 8 * trunk.width
+    w = trunk.width
+    assert level_of(trunk) == ASSIGNMENT and w == (3 * H * INTER) // (6 * H + 8)  # about INTER / 2
+    assert trunk.param_count() == 3 * H * w + E * 3 * w
+    # memory per device in routed experts: under half an expert plus the per-expert vectors
+    expert = tiny_layer.expert_params()
+    assert trunk.memory_expert_equiv(expert) == pytest.approx((3 * H * w + 3 * E * w) / expert)
+    # a lone served assignment costs at most half an expert's FLOPs, and the next width would not
+    assert trunk.flops_per_assignment() <= 0.5 * tiny_layer.expert_flops_per_token()
+    assert GatedTrunk(H, E, K, w + 1).flops_per_assignment() > 0.5 * tiny_layer.expert_flops_per_token()
 
 
 def test_a_tokens_assignments_share_one_trunk_pass(tiny_layer):

@@ -340,7 +340,8 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
     small_moe: num_experts (default E // 2), intermediate (default I // 2), top_k (default the layer's),
                init "random" | "teacher" (copy the router rows and expert units of the most-used experts)
     shadows:   kind "swiglu" | "lowrank", width (default I // 4), init "teacher" | "random"
-    trunk:     width (default I // 2: half an expert's FLOPs for a lone served assignment), film
+    trunk:     width (default the widest with at most half an expert's FLOPs for a lone served assignment,
+               about I // 2), film
                (default True), init "merged" (needs usage) | "union" | "random"
     """
     if seed is not None:
@@ -381,9 +382,9 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
         return module
     if arch == "trunk":
         init = kw.pop("init", "merged")
-        module = GatedTrunk(
-            H, E, k, width=int(kw.pop("width", max(1, inter // 2))), film=bool(kw.pop("film", True))
-        )
+        # default: the widest trunk whose lone served assignment costs at most half an expert's FLOPs
+        width = int(kw.pop("width", max(1, (3 * H * inter) // (6 * H + 8))))
+        module = GatedTrunk(H, E, k, width=width, film=bool(kw.pop("film", True)))
         if init != "random":
             trunk_from_experts(module, layer, kw.pop("usage", None), init)
         return module
