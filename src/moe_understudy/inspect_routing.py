@@ -122,29 +122,21 @@ def save_heatmap(stats: LoadStats, path: str | Path, title: str = "tokens per ex
     return save_figure(fig, path)
 
 
-def inspect_model(
-    model_path: str,
-    data: str,
-    num_blocks: int,
-    block_size: int,
-    batch_size: int,
-    heatmap: Path | None,
-    json_out: Path | None,
-    console,
-) -> LoadStats:
-    """`understudy inspect`: route held-out text through a model and print its expert load."""
+def inspect_model(cfg, console) -> LoadStats:
+    """`understudy inspect`: route held-out text (an `InspectConfig`) through a model and print its expert load."""
     import json
 
     from rich.table import Table
 
-    from moe_understudy.config import DataConfig
     from moe_understudy.data import load_corpus, pack_blocks
     from moe_understudy.moe.loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    model_path, batch_size, heatmap, json_out = cfg.model, cfg.batch_size, cfg.heatmap, cfg.json_out
+    block_size = cfg.data.block_size
+    model, tokenizer = load_model_and_tokenizer(model_path, cfg.device, cfg.dtype)
     find_moe_layers(model)  # fail early, with the families we support, on a model without MoE layers
-    corpus = load_corpus(DataConfig(source=data, block_size=block_size))
-    blocks = pack_blocks(corpus.val or corpus.train, tokenizer, block_size, max_blocks=num_blocks)
+    corpus = load_corpus(cfg.data)
+    blocks = pack_blocks(corpus.val or corpus.train, tokenizer, block_size, max_blocks=cfg.blocks)
     stats = routing_load(model, blocks, batch_size=batch_size)
 
     table = Table(

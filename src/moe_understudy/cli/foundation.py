@@ -7,22 +7,40 @@ from typing import Annotated
 
 import typer
 
-from moe_understudy.cli.common import app, console, given, split, user_errors
-from moe_understudy.errors import UserError
+from moe_understudy.cli.common import (
+    BlockSizeOption,
+    ConfigOption,
+    DataOption,
+    DebugOption,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    MaxCharsOption,
+    ModelArgument,
+    ResumeOption,
+    SeedOption,
+    app,
+    configure,
+    console,
+    model_data,
+    user_errors,
+    write_replay,
+)
 
 
 @app.command()
 @user_errors
 def teacher(
+    ctx: typer.Context,
     out: Annotated[
         Path, typer.Option(help="Run folder: checkpoints, tokenizer and the final save_pretrained model.")
     ],
     preset: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Model preset from moe/presets.py: mixtral, qwen3_moe, fine (64 experts of 64, top-8) or quick."
+            help="Model preset from moe/presets.py: mixtral (default), qwen3_moe, fine (64 experts of 64, top-8) or quick."
         ),
-    ] = "mixtral",
+    ] = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -35,7 +53,7 @@ def teacher(
         int | None, typer.Option(help="Optimiser steps (default 1400; 60 with --quick).")
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Blocks per step (default 16).")] = None,
-    block_size: Annotated[int | None, typer.Option(help="Tokens per block (default 128).")] = None,
+    block_size: BlockSizeOption = None,
     lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 2e-3).")] = None,
     vocab_size: Annotated[
         int | None, typer.Option(help="BPE vocabulary size when training a tokenizer (default 4096).")
@@ -43,7 +61,7 @@ def teacher(
     tokenizer: Annotated[
         str | None, typer.Option(help="Use this tokenizer (path or hub id) instead of training a BPE.")
     ] = None,
-    max_chars: Annotated[int | None, typer.Option(help="Cap on corpus characters read.")] = None,
+    max_chars: MaxCharsOption = None,
     eval_every: Annotated[
         int | None, typer.Option(help="Steps between held-out evaluations and checkpoints.")
     ] = None,
@@ -60,50 +78,21 @@ def teacher(
             "and its held-out perplexity go to OUT/at-STEP/ (kept on --resume)."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: SeedOption = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="Seconds-long run on a tiny preset (for tests and smoke checks).")
     ] = False,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the last checkpoint in --out.")
-    ] = False,
-    config: Annotated[
-        Path | None, typer.Option(help="Read options from a teacher.yaml (flags given here override it).")
-    ] = None,
+    resume: ResumeOption = False,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Train a small MoE teacher from scratch on the default corpus (about 8 minutes on 2 cores)."""
     from moe_understudy.config import TeacherConfig
     from moe_understudy.teacher import train_teacher
 
-    base = (
-        TeacherConfig.from_yaml(config) if config else (TeacherConfig.quick() if quick else TeacherConfig())
-    )
-    data_cfg = base.data.replace(
-        **given(
-            source=data,
-            block_size=block_size,
-            vocab_size=vocab_size,
-            tokenizer=tokenizer,
-            max_chars=max_chars,
-        ),
-    )
-    try:
-        cfg = base.replace(
-            data=data_cfg,
-            preset="quick" if quick and preset == "mixtral" else preset,
-            seed=seed,
-            **given(
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                eval_every=eval_every,
-                joint_understudy=joint_understudy,
-                save_at=split(save_at, int, "--save-at steps"),
-            ),
-        )
-    except ValueError as err:
-        raise UserError(f"{err} Pass values that fit the run.") from err
-    result = train_teacher(cfg, out, resume=resume, console=console)
+    start = TeacherConfig.quick() if quick else TeacherConfig()
+    cfg = configure(TeacherConfig, ctx.params, start=start, ignore=("out", "quick"))
+    result = train_teacher(cfg, out, resume=resume, console=console)  # writes OUT/teacher.yaml
     console.print(
         f"[bold green]teacher saved to {result.out_dir}[/]: held-out perplexity {result.val_perplexity:.2f}, "
         f"{result.tokens_per_second:,.0f} tokens/s, {result.train_seconds / 60:.1f} min, "
@@ -114,24 +103,30 @@ def teacher(
 @app.command()
 @user_errors
 def inspect(
-    model: Annotated[
-        str, typer.Argument(help="Model folder (from `understudy teacher`) or a transformers MoE checkpoint.")
-    ],
-    data: Annotated[
-        str,
-        typer.Option(
-            help="Text to route: 'stdlib' validation split, a file, folder, .jsonl or datasets name."
-        ),
-    ] = "stdlib",
-    blocks: Annotated[int, typer.Option(help="Number of blocks of text to route.")] = 64,
-    block_size: Annotated[int, typer.Option(help="Tokens per block.")] = 128,
+    ctx: typer.Context,
+    model: ModelArgument = None,
+    data: DataOption = None,
+    blocks: Annotated[
+        int | None, typer.Option(help="Number of blocks of text to route (default 64).")
+    ] = None,
+    block_size: BlockSizeOption = None,
     batch_size: Annotated[
-        int, typer.Option(help="Blocks per forward (the 'layer-batch' of the max/mean figure).")
-    ] = 8,
+        int | None,
+        typer.Option(help="Blocks per forward (the 'layer-batch' of the max/mean figure; default 8)."),
+    ] = None,
     heatmap: Annotated[Path | None, typer.Option(help="Save a layer x expert load heatmap PNG here.")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Save the figures as JSON here.")] = None,
+    json_out: JsonOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Print per-layer expert load (tokens per expert, max/mean, entropy) of MODEL on some text."""
+    from moe_understudy.config import InspectConfig
     from moe_understudy.inspect_routing import inspect_model
 
-    inspect_model(model, data, blocks, block_size, batch_size, heatmap, json_out, console)
+    cfg = configure(InspectConfig, ctx.params, start=InspectConfig(data=model_data(model)))
+    inspect_model(cfg, console)
+    beside = cfg.json_out or cfg.heatmap
+    if beside:
+        write_replay(cfg, Path(beside).with_name("inspect.yaml"))

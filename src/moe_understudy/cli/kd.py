@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from moe_understudy.cli.common import app, console, user_errors
+from moe_understudy.cli.common import (
+    ConfigOption,
+    DebugOption,
+    DeviceOption,
+    DtypeOption,
+    ResumeOption,
+    SeedOption,
+    app,
+    configure,
+    console,
+    user_errors,
+    write_replay,
+)
 from moe_understudy.errors import UserError
 
 # Options that sft, kd and rouge share (one declaration, one help text).
@@ -30,25 +42,24 @@ EvalEveryOption = Annotated[
 MaxNewTokensOption = Annotated[
     int | None, typer.Option(help="Generated tokens per validation response (default 64).")
 ]
-SeedOption = Annotated[int | None, typer.Option(help="Random seed (default 0).")]
-ResumeOption = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")]
 
 
 @app.command()
 @user_errors
 def sft(
-    data: Annotated[
-        str,
-        typer.Option(
-            help="Instruction file (.jsonl/.json, optionally .gz): Dolly, Alpaca, prompt/response, prompt/completion or Self-Instruct rows."
-        ),
-    ],
+    ctx: typer.Context,
     out: Annotated[
         Path,
         typer.Option(
             help="Run folder: the model chosen by validation ROUGE-L (save_pretrained + tokenizer), checkpoint/, sft_log.json."
         ),
     ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Instruction file (.jsonl/.json, optionally .gz): Dolly, Alpaca, prompt/response, prompt/completion or Self-Instruct rows."
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(
@@ -80,36 +91,15 @@ def sft(
     max_new_tokens: MaxNewTokensOption = None,
     seed: SeedOption = None,
     resume: ResumeOption = False,
-    config: Annotated[
-        Path | None, typer.Option(help="Read options from an sft.yaml (flags given here override it).")
-    ] = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Fine-tune a model on instruction data with the prompt masked from the loss (teacher or student)."""
     from moe_understudy.config import SFTConfig
     from moe_understudy.kd.sft import run_sft
 
-    base = SFTConfig.from_yaml(config) if config else SFTConfig()
-    cfg = _kd_config(
-        base,
-        data=data,
-        model=model,
-        tokenizer=tokenizer,
-        vocab_size=vocab_size,
-        fmt=fmt,
-        val_data=val_data,
-        val_examples=val_examples,
-        max_examples=max_examples,
-        max_prompt=max_prompt,
-        max_total=max_total,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=warmup,
-        eval_every=eval_every,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-    )
-    summary = run_sft(cfg, out, resume=resume, console=console)
+    cfg = _needs_data(configure(SFTConfig, ctx.params, ignore=("out",)))
+    summary = run_sft(cfg, out, resume=resume, console=console)  # writes OUT/sft.yaml
     console.print(
         f"[bold green]model saved to {out}[/]: best validation ROUGE-L {_fmt_rouge(summary['best_val_rouge_l'])}"
     )
@@ -118,22 +108,23 @@ def sft(
 @app.command()
 @user_errors
 def kd(
-    data: Annotated[
-        str,
-        typer.Option(
-            help="Instruction file with the prompts (and responses, for --method kd or --off-policy)."
-        ),
-    ],
-    teacher: Annotated[
-        str,
-        typer.Option(
-            help="Saved MoE teacher folder (e.g. from `understudy sft --model mixtral`); its tokenizer is used."
-        ),
-    ],
+    ctx: typer.Context,
     out: Annotated[
         Path,
         typer.Option(help="Run folder: the student chosen by validation ROUGE-L, checkpoint/, kd_log.json."),
     ],
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Instruction file with the prompts (and responses, for --method kd or --off-policy)."
+        ),
+    ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            help="Saved MoE teacher folder (e.g. from `understudy sft --model mixtral`); its tokenizer is used."
+        ),
+    ] = None,
     method: Annotated[
         str | None,
         typer.Option(
@@ -213,48 +204,20 @@ def kd(
     config: Annotated[
         Path | None,
         typer.Option(
-            help="Read options from a kd.yaml (flags given here override it); e.g. teacher_passes: M gives kd/gkd M x batch-size examples per step, KA's teacher forwards."
+            help="Replay a run: read the options from its kd.yaml (flags given here override them); e.g. teacher_passes: M gives kd/gkd M x batch-size examples per step, KA's teacher forwards."
         ),
     ] = None,
+    debug: DebugOption = False,
 ) -> None:
     """Distil a whole MoE teacher into a dense or smaller MoE student (KD, GKD, ALL, KA, SAR, B-Distill)."""
     from moe_understudy.config import KDConfig
     from moe_understudy.kd.trainer import run_kd
 
-    base = KDConfig.from_yaml(config) if config else KDConfig()
-    cfg = _kd_config(
-        base,
-        data=data,
-        teacher=teacher,
-        method=method,
-        student=student,
-        divergence=divergence,
-        on_policy=False if off_policy else None,
-        fmt=fmt,
-        val_data=val_data,
-        val_examples=val_examples,
-        max_examples=max_examples,
-        max_prompt=max_prompt,
-        max_total=max_total,
-        gen_max_new_tokens=gen_max_new_tokens,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=warmup,
-        ka_experts=ka_experts,
-        ka_lambda=ka_lambda,
-        ka_passes=ka_passes,
-        sar_lr=sar_lr,
-        sar_beta=sar_beta,
-        explore_eps=explore_eps,
-        router_kl_weight=router_kl_weight,
-        entropy_floor=entropy_floor,
-        entropy_weight=entropy_weight,
-        eval_every=eval_every,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-    )
-    summary = run_kd(cfg, out, resume=resume, console=console)
+    params = {**ctx.params, "on_policy": False if off_policy else None}
+    cfg = _needs_data(configure(KDConfig, params, ignore=("out", "off_policy")))
+    if not cfg.teacher:
+        raise UserError("Give the --teacher folder to distil (or a --config kd.yaml that names one).")
+    summary = run_kd(cfg, out, resume=resume, console=console)  # writes OUT/kd.yaml
     console.print(
         f"[bold green]student saved to {out}[/] ({cfg.method}): best validation ROUGE-L {_fmt_rouge(summary['best_val_rouge_l'])}"
     )
@@ -263,10 +226,13 @@ def kd(
 @app.command()
 @user_errors
 def rouge(
-    model: Annotated[str, typer.Argument(help="Saved model folder (with its tokenizer).")],
+    ctx: typer.Context,
+    model: Annotated[
+        str | None, typer.Argument(help="Saved model folder (with its tokenizer; or set in --config).")
+    ] = None,
     data: Annotated[
-        list[str], typer.Option(help="Instruction file to score; repeat --data for several datasets.")
-    ],
+        list[str] | None, typer.Option(help="Instruction file to score; repeat --data for several datasets.")
+    ] = None,
     fmt: FmtOption = None,
     seeds: Annotated[
         str | None, typer.Option(help="Comma-separated sampling seeds (default 10,20,30,40,50).")
@@ -288,44 +254,32 @@ def rouge(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Score at most this many examples per file.")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Write the report (per dataset, per task, per seed) as JSON here.")
+        Path | None,
+        typer.Option(
+            help="Write the report (per dataset, per task, per seed) as JSON here, rouge.yaml beside it."
+        ),
     ] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Generate responses and score ROUGE-L F1 x100 per dataset and task, mean and std over seeds."""
     from moe_understudy.config import RougeConfig
     from moe_understudy.eval.rouge import run_rouge
 
-    if seeds is not None:
-        try:
-            seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
-        except ValueError as err:
-            raise UserError(
-                f"--seeds {seeds!r} is not a comma-separated list of integers; pass e.g. 10,20,30."
-            ) from err
-    cfg = _kd_config(
-        RougeConfig(data=tuple(data)),
-        model=model,
-        fmt=fmt,
-        seeds=seed_list if seeds is not None else None,
-        greedy=greedy,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_new_tokens=max_new_tokens,
-        max_prompt=max_prompt,
-        batch_size=batch_size,
-        limit=limit,
-        out=str(out) if out else None,
-    )
+    start = RougeConfig(data=tuple(data)) if data else None  # RougeConfig() alone lacks files to score
+    cfg = configure(RougeConfig, ctx.params, start=start)
     run_rouge(cfg, console=console)
+    if cfg.out:
+        write_replay(cfg, Path(cfg.out).with_name("rouge.yaml"))
 
 
-def _kd_config(base, **options):
-    """`base` with the given options applied; invalid values become one-sentence UserErrors."""
-    try:
-        return base.replace(**{k: v for k, v in options.items() if v is not None})
-    except ValueError as err:
-        raise UserError(f"{err} Fix the option and rerun.") from err
+def _needs_data(cfg):
+    """`cfg` when it names its instruction data; else one sentence asking for --data."""
+    if not cfg.data:
+        raise UserError("Give the instruction file with --data (or a --config YAML that names it).")
+    return cfg
 
 
 def _fmt_rouge(value) -> str:

@@ -7,19 +7,39 @@ from typing import Annotated
 
 import typer
 
-from moe_understudy.cli.common import app, console, given, split, user_errors
+from moe_understudy.cli.common import (
+    BlockSizeOption,
+    CapacitiesOption,
+    ConfigOption,
+    DataOption,
+    DebugOption,
+    DeviceOption,
+    DtypeOption,
+    PoliciesOption,
+    PriorityOption,
+    UnderstudiesOption,
+    app,
+    configure,
+    console,
+    model_data,
+    user_errors,
+)
+from moe_understudy.cli.runtime import backend_of
 from moe_understudy.errors import UserError
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option(help="Saved MoE model folder (from `understudy teacher`) or a transformers MoE checkpoint."),
+]
+# The cluster cost model's options are fields of SimConfig.cost (config.ClusterCost).
+_COST = ("understudy_cost", "hidden_size", "expert_intermediate", "device_tflops", "link_gbps", "latency_us")
 
 
 @app.command()
 @user_errors
 def simulate(
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="Capture the routing trace from this saved MoE model folder (its held-out blocks)."
-        ),
-    ] = None,
+    ctx: typer.Context,
+    model: ModelOption = None,
     trace: Annotated[
         Path | None,
         typer.Option(
@@ -51,9 +71,7 @@ def simulate(
             help="Capacity factor of drop / reroute / understudy: capacity = ceil(cf * tokens * k / experts)."
         ),
     ] = None,
-    priority: Annotated[
-        str | None, typer.Option(help="Which assignments overflow first: position or score.")
-    ] = None,
+    priority: PriorityOption = None,
     tokens_per_rank: Annotated[
         int | None, typer.Option(help="Tokens each rank holds per step (weak scaling).")
     ] = None,
@@ -73,20 +91,28 @@ def simulate(
         ),
     ] = None,
     hidden_size: Annotated[
-        int | None, typer.Option(help="Hidden size of the simulated layer (default 4096).")
+        int | None, typer.Option(help="Hidden size of the simulated layer (default: config.ClusterCost).")
     ] = None,
     expert_intermediate: Annotated[
-        int | None, typer.Option(help="Intermediate size of one simulated expert (default 14336).")
+        int | None,
+        typer.Option(help="Intermediate size of one simulated expert (default: config.ClusterCost)."),
     ] = None,
     device_tflops: Annotated[
-        float | None, typer.Option(help="Sustained expert throughput per device, TFLOP/s (default 400).")
+        float | None,
+        typer.Option(help="Sustained expert throughput per device, TFLOP/s (default: config.ClusterCost)."),
     ] = None,
     link_gbps: Annotated[
-        float | None, typer.Option(help="All-to-all bandwidth per device, GB/s (default 50).")
+        float | None,
+        typer.Option(help="All-to-all bandwidth per device, GB/s (default: config.ClusterCost)."),
     ] = None,
     latency_us: Annotated[
-        float | None, typer.Option(help="Fixed latency of one all-to-all, microseconds (default 10).")
+        float | None,
+        typer.Option(help="Fixed latency of one all-to-all, microseconds (default: config.ClusterCost)."),
     ] = None,
+    data: DataOption = None,
+    block_size: BlockSizeOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     quality: Annotated[
         str | None,
         typer.Option(
@@ -99,76 +125,38 @@ def simulate(
     seed: Annotated[
         int | None, typer.Option(help="Random seed (token sampling, synthetic trace, expansion).")
     ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="Read options from a sim.yaml (flags given here override it).")
-    ] = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
-    """Replay routing over 8..256 simulated ranks per policy; print a table, plot step time and bytes against ranks."""
+    """Replay routing over 8..256 simulated ranks per policy; print a table, plot step time and bytes against ranks.
+
+    The trace comes from --trace, else from MODEL on --data (default: its own held-out text), else a
+    synthetic Zipf trace.
+    """
     from moe_understudy.config import SimConfig
     from moe_understudy.sim.workflow import run_simulation
 
-    try:
-        base = SimConfig.from_yaml(config) if config else SimConfig()
-        cost = base.cost.replace(
-            **given(
-                understudy_cost=understudy_cost,
-                hidden_size=hidden_size,
-                expert_intermediate=expert_intermediate,
-                device_tflops=device_tflops,
-                link_gbps=link_gbps,
-                latency_us=latency_us,
-            )
-        )
-        cfg = base.replace(
-            cost=cost,
-            **given(
-                model=model,
-                trace=None if trace is None else str(trace),
-                zipf=zipf,
-                synthetic_experts=experts,
-                ranks=split(ranks, int, "rank counts"),
-                policies=split(policies, str, "policies"),
-                capacity_factor=capacity_factor,
-                priority=priority,
-                tokens_per_rank=tokens_per_rank,
-                steps=steps,
-                expansion=expansion,
-                quality=quality,
-                out=out,
-                seed=seed,
-            ),
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    run_simulation(cfg, console=console)
+    cfg = configure(
+        SimConfig,
+        ctx.params,
+        renames={"experts": "synthetic_experts", **{name: f"cost.{name}" for name in _COST}},
+        data_start=model_data(model),
+    )
+    run_simulation(cfg, console=console)  # writes OUT/sim.yaml
 
 
 @app.command("ep")
 @user_errors
 def ep_evaluate(
-    model: Annotated[str | None, typer.Option(help="Saved MoE model folder (default runs/teacher).")] = None,
+    ctx: typer.Context,
+    model: ModelOption = None,
     nproc: Annotated[
         int, typer.Option(help="Processes (ranks) to launch through torchrun; experts are spread over them.")
     ] = 2,
-    understudies: Annotated[
-        str | None,
-        typer.Option(help="Folder from `understudy distill`; needed by understudy/layer/deadline/shadow."),
-    ] = None,
-    policies: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated policies run in one launch: full, drop, drop_renorm, reroute, understudy, shadow, layer, deadline."
-        ),
-    ] = None,
-    capacities: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated capacity factors (every policy but full), over the GLOBAL batch: ceil(cf * tokens of all ranks * k / experts)."
-        ),
-    ] = None,
-    priority: Annotated[
-        str | None, typer.Option(help="Which assignments overflow first: position or score.")
-    ] = None,
+    understudies: UnderstudiesOption = None,
+    policies: PoliciesOption = None,
+    capacities: CapacitiesOption = None,
+    priority: PriorityOption = None,
     capacity_scope: Annotated[
         str | None,
         typer.Option(
@@ -185,6 +173,8 @@ def ep_evaluate(
         int | None,
         typer.Option(help="With --placement replicate: expert slots per rank beyond ceil(experts / ranks)."),
     ] = None,
+    data: DataOption = None,
+    block_size: BlockSizeOption = None,
     max_blocks: Annotated[int | None, typer.Option(help="Held-out blocks evaluated over all ranks.")] = None,
     blocks_per_rank: Annotated[
         int | None, typer.Option(help="Blocks each rank feeds per step (global batch = ranks x this).")
@@ -196,44 +186,30 @@ def ep_evaluate(
     backend: Annotated[
         str | None, typer.Option(help="auto (nccl with CUDA, else gloo), gloo or nccl.")
     ] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     out: Annotated[
         str | None,
         typer.Option(help="Output folder: ep.json (summary + per-rank, per-step records), ep.yaml."),
     ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="Read options from an ep.yaml (flags given here override it).")
-    ] = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
-    """Evaluate policies under real expert parallelism over NPROC local processes (torchrun; gloo on CPU, nccl on GPU)."""
-    from moe_understudy.config import EPConfig
-    from moe_understudy.runtime.ep import launch_ep
+    """Evaluate policies under real expert parallelism over NPROC local processes (torchrun; gloo on CPU, nccl on GPU).
 
-    try:
-        base = EPConfig.from_yaml(config) if config else EPConfig()
-        cfg = base.replace(
-            **given(
-                model=model,
-                understudies=understudies,
-                policies=split(policies, str, "policies"),
-                capacities=split(capacities, float, "capacity factors"),
-                priority=priority,
-                capacity_scope=capacity_scope,
-                placement=placement,
-                extra_slots=extra_slots,
-                max_blocks=max_blocks,
-                blocks_per_rank=blocks_per_rank,
-                timeout_s=timeout_s,
-                backend=backend,
-                out=out,
-            )
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    --placement replicate measures expert load on the model folder's cached train blocks, else on
+    the train split of --data (or of the model's own corpus).
+    """
+    from moe_understudy.config import EPConfig
+    from moe_understudy.runtime.ep import launch_ep, runs_table
+
+    params = dict(ctx.params)
+    if params.get("backend") is None and device is not None:
+        params["backend"] = backend_of(device)
+    cfg = configure(EPConfig, params, ignore=("nproc", "device"), data_start=model_data(model))
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}.")
-    from moe_understudy.runtime.ep import runs_table
-
     console.print(
         runs_table(launch_ep(cfg, nproc), title=f"expert parallelism over {nproc} ranks ({cfg.placement})")
     )
-    console.print(f"wrote {cfg.out}/ep.json")
+    console.print(f"wrote {cfg.out}/ep.json (replay with --config {cfg.out}/ep.yaml)")

@@ -7,76 +7,77 @@ from typing import Annotated
 
 import typer
 
-from moe_understudy.cli.common import app, console, given, split, user_errors
+from moe_understudy.cli.common import (
+    BlockSizeOption,
+    CapacitiesOption,
+    ConfigOption,
+    DataOption,
+    DebugOption,
+    DeviceOption,
+    DtypeOption,
+    ModelArgument,
+    PoliciesOption,
+    PriorityOption,
+    UnderstudiesOption,
+    app,
+    configure,
+    console,
+    model_data,
+    user_errors,
+)
 from moe_understudy.errors import UserError
 
 
 @app.command()
 @user_errors
 def evaluate(
-    model: Annotated[
-        str, typer.Argument(help="Saved MoE model folder (from `understudy teacher`) with its tokenizer.")
-    ],
-    understudies: Annotated[
+    ctx: typer.Context,
+    model: ModelArgument = None,
+    understudies: UnderstudiesOption = None,
+    policies: PoliciesOption = None,
+    capacities: CapacitiesOption = None,
+    priority: PriorityOption = None,
+    scenario: Annotated[
         str | None,
         typer.Option(
-            help="Understudies folder from `understudy distill`; needed by understudy, layer, deadline and shadow."
+            help="Load scenario: natural (held-out text, the default), domain_shift (prose unlike the training code) or hot_expert."
         ),
     ] = None,
-    policies: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated from full, drop, drop_renorm, reroute, understudy, shadow, layer, deadline."
-        ),
-    ] = "full,drop,reroute,understudy",
-    capacity: Annotated[
-        str,
-        typer.Option(
-            help="Capacity factors to sweep, comma-separated: capacity = ceil(cf * tokens * k / experts) per layer and step."
-        ),
-    ] = "0.5,0.75,1,1.25",
-    priority: Annotated[
-        str,
-        typer.Option(
-            help="Which assignments overflow first: position (arrival, first choices before second) or score (lowest router weight)."
-        ),
-    ] = "position",
-    scenario: Annotated[
-        str,
-        typer.Option(
-            help="Load scenario: natural (held-out text), domain_shift (prose unlike the training code) or hot_expert."
-        ),
-    ] = "natural",
     hot_expert: Annotated[
-        int, typer.Option(help="hot_expert scenario: the expert whose router logit is raised in every layer.")
-    ] = 0,
+        int | None,
+        typer.Option(
+            help="hot_expert scenario: the expert whose router logit is raised in every layer (default 0)."
+        ),
+    ] = None,
     hot_bias: Annotated[
-        float, typer.Option(help="hot_expert scenario: logit bias added to that expert.")
-    ] = 2.0,
+        float | None, typer.Option(help="hot_expert scenario: logit bias added to that expert (default 2).")
+    ] = None,
+    data: DataOption = None,
+    block_size: BlockSizeOption = None,
     blocks: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Evaluation blocks of text (held-out blocks cached with the teacher when present)."
+            help="Evaluation blocks of text (default 64; held-out blocks cached with the teacher when present)."
         ),
-    ] = 64,
+    ] = None,
     batch_size: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Blocks per forward step; capacity is per step. Comma-separated for a batch-size sweep."
+            help="Blocks per forward step; capacity is per step. Comma-separated for a batch-size sweep (default 8)."
         ),
-    ] = "8",
+    ] = None,
     devices: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Devices the experts are spread over (contiguously) when counting all-to-all bytes."
+            help="Devices the experts are spread over (contiguously) when counting all-to-all bytes (default 4)."
         ),
-    ] = 4,
+    ] = None,
     readmit: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="understudy policy: give capacity freed by understudy tokens back to overflow tokens that fit."
+            help="understudy policy: give capacity freed by understudy tokens back to overflow tokens that fit (default on)."
         ),
-    ] = True,
+    ] = None,
     threshold: Annotated[
         float | None,
         typer.Option(
@@ -84,18 +85,19 @@ def evaluate(
         ),
     ] = None,
     latency: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="deadline policy: fixed dispatch + combine latency, in units of one expert assignment."
+            help="deadline policy: fixed dispatch + combine latency, in units of one expert assignment (default 0)."
         ),
-    ] = 0.0,
+    ] = None,
     out: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            help="Report folder: report.json, report.png and the eval.yaml that reproduces the run."
+            help="Report folder: report.json, report.png and the eval.yaml that replays the run (default runs/eval)."
         ),
-    ] = Path("runs/eval"),
-    device: Annotated[str, typer.Option(help="Torch device.")] = "cpu",
+    ] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
     ep: Annotated[
         int,
         typer.Option(
@@ -108,41 +110,29 @@ def evaluate(
             help="With --ep: expert (capacity per expert) or rank (ceil(cf * tokens * k / ranks) per rank over all its experts)."
         ),
     ] = "expert",
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Quality under load: perplexity, KL to full, agreement, bytes moved and load for each policy x capacity factor."""
     from moe_understudy.config import EvalConfig
     from moe_understudy.eval.quality import run_evaluation
 
-    try:
-        cfg = EvalConfig(
-            model=model,
-            understudies=understudies,
-            out=str(out),
-            policies=split(policies, str, "policies"),
-            capacities=split(capacity, float, "capacity factors"),
-            priority=priority,
-            scenario=scenario,
-            hot_expert=hot_expert,
-            hot_bias=hot_bias,
-            max_blocks=blocks,
-            batch_sizes=split(batch_size, int, "batch sizes"),
-            num_devices=devices,
-            readmit=readmit,
-            threshold=threshold,
-            latency=latency,
-            device=device,
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    cfg = configure(
+        EvalConfig,
+        ctx.params,
+        renames={"blocks": "max_blocks", "batch_size": "batch_sizes", "devices": "num_devices"},
+        ignore=("ep", "capacity_scope"),
+        data_start=model_data(model),
+    )
     if capacity_scope != "expert" and ep == 0:
         raise UserError(f"--capacity-scope {capacity_scope} needs expert parallelism: add --ep N.")
     if ep > 0:
-        _evaluate_expert_parallel(cfg, ep, capacity_scope)
+        _evaluate_expert_parallel(cfg, ep, capacity_scope, device)
     else:
-        run_evaluation(cfg, console)
+        run_evaluation(cfg, console)  # writes OUT/eval.yaml
 
 
-def _evaluate_expert_parallel(cfg, nproc: int, capacity_scope: str) -> None:
+def _evaluate_expert_parallel(cfg, nproc: int, capacity_scope: str, device: str | None) -> None:
     """`evaluate --ep N`: the same sweep on natural held-out text under real expert parallelism."""
     from moe_understudy.config import EPConfig
     from moe_understudy.runtime.ep import launch_ep, runs_table
@@ -160,22 +150,36 @@ def _evaluate_expert_parallel(cfg, nproc: int, capacity_scope: str) -> None:
         max_blocks=cfg.max_blocks,
         blocks_per_rank=max(1, cfg.batch_sizes[0] // nproc),
         out=f"{cfg.out}/ep",
+        dtype=cfg.dtype,
+        backend=backend_of(device),
     )
     console.print(runs_table(launch_ep(ep_cfg, nproc)))
+
+
+def backend_of(device: str | None) -> str:
+    """The EP backend a --device asks for: cpu -> gloo, cuda -> nccl; none or auto: nccl with CUDA, else gloo."""
+    if device is None or device == "auto":
+        return "auto"
+    return "nccl" if str(device).startswith("cuda") else "gloo"
 
 
 @app.command()
 @user_errors
 def demo(
+    ctx: typer.Context,
     out: Annotated[
-        Path, typer.Option(help="Run folder; every finished stage in it is reused, so a rerun resumes.")
-    ] = Path("runs/demo"),
+        Path | None,
+        typer.Option(
+            help="Run folder (default runs/demo); every finished stage in it is reused, so a rerun resumes."
+        ),
+    ] = None,
     teacher: Annotated[
         Path | None, typer.Option(help="Use this trained teacher instead of training one in OUT/teacher.")
     ] = None,
     arch: Annotated[
-        str, typer.Option(help="Understudy architecture: dense, lowrank, merged, small_moe or shadows.")
-    ] = "dense",
+        str | None,
+        typer.Option(help="Understudy architecture: dense (default), lowrank, merged, small_moe or shadows."),
+    ] = None,
     intermediate: Annotated[
         int | None, typer.Option(help="Understudy intermediate size (default: one expert's).")
     ] = None,
@@ -186,19 +190,14 @@ def demo(
         str | None, typer.Option(help="Comma-separated capacity factors (default 0.5,0.75,1,1.25).")
     ] = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="Seconds-long smoke run on the quick preset.")
-    ] = False,
+        bool | None, typer.Option("--quick", help="Seconds-long smoke run on the quick preset.")
+    ] = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """The whole pipeline on the default corpus: teacher, capture, distil, evaluate, report (~15 min on 2 cores)."""
     from moe_understudy.config import DemoConfig
     from moe_understudy.demo import run_demo
 
-    cfg = DemoConfig(
-        out=str(out),
-        teacher=str(teacher) if teacher else None,
-        quick=quick,
-        arch=arch,
-        intermediate=intermediate,
-        **given(e2e_steps=e2e_steps, capacities=split(capacity, float, "capacity factors")),
-    )
-    run_demo(cfg, console=console)
+    cfg = configure(DemoConfig, ctx.params, renames={"capacity": "capacities"})
+    run_demo(cfg, console=console)  # writes OUT/demo.yaml

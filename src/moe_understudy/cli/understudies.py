@@ -7,75 +7,73 @@ from typing import Annotated
 
 import typer
 
-from moe_understudy.cli.common import app, console, given, user_errors
-
-
-def _understudy_data(model: str, data: str | None, block_size: int | None, max_chars: int | None):
-    """The model's own training DataConfig (teacher.yaml) with any given overrides."""
-    from moe_understudy.capture import default_data_config
-
-    return default_data_config(model).replace(
-        **given(source=data, block_size=block_size, max_chars=max_chars)
-    )
+from moe_understudy.cli.common import (
+    BlockSizeOption,
+    ConfigOption,
+    DataOption,
+    DebugOption,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    MaxCharsOption,
+    ModelArgument,
+    SeedOption,
+    app,
+    configure,
+    console,
+    model_data,
+    user_errors,
+    write_replay,
+)
 
 
 @app.command()
 @user_errors
 def capture(
-    model: Annotated[
-        str, typer.Argument(help="Model folder (from `understudy teacher`) or a transformers MoE checkpoint.")
-    ],
+    ctx: typer.Context,
+    model: ModelArgument = None,
     out: Annotated[
-        Path,
-        typer.Option(help="Store folder to write: manifest.json plus train/ and val/ safetensors shards."),
-    ],
-    data: Annotated[
-        str | None,
+        Path | None,
         typer.Option(
-            help="Text to run through the model (default: the corpus the teacher was trained on, else 'stdlib')."
+            help="Store folder to write: manifest.json plus train/ and val/ safetensors shards (default runs/store)."
         ),
     ] = None,
+    data: DataOption = None,
     tokens: Annotated[int | None, typer.Option(help="Training tokens to capture (default 65536).")] = None,
     val_tokens: Annotated[
         int | None,
         typer.Option(help="Held-out tokens to capture from the corpus' validation split (default 8192)."),
     ] = None,
-    block_size: Annotated[int | None, typer.Option(help="Tokens per block (default: the teacher's).")] = None,
-    max_chars: Annotated[int | None, typer.Option(help="Cap on corpus characters read.")] = None,
+    block_size: BlockSizeOption = None,
+    max_chars: MaxCharsOption = None,
     batch_size: Annotated[int | None, typer.Option(help="Blocks per forward pass (default 8).")] = None,
     shard_tokens: Annotated[int | None, typer.Option(help="Rows per shard file (default 16384).")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="Stored dtype: float32, float16 or bfloat16 (default float32).")
+    dtype: DtypeOption = None,
+    store_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Stored dtype of x, y, logits, weights: float32, bfloat16 or float16 (default: --dtype)."
+        ),
     ] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="Read options from a capture.yaml (flags given here override it).")
-    ] = None,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
-    """Record each MoE layer's input, routed output, router logits and top-k into a sharded store."""
+    """Record each MoE layer's input, routed output, router logits and top-k into a sharded store.
+
+    A killed capture leaves no trusted store; rerun the same command and it starts again cleanly.
+    """
     from moe_understudy.capture import run_capture
     from moe_understudy.config import CaptureConfig
 
-    base = (
-        CaptureConfig.from_yaml(config)
-        if config
-        else CaptureConfig(data=_understudy_data(model, data, block_size, max_chars))
+    params = {**ctx.params, "store_dtype": store_dtype or dtype}
+    cfg = configure(
+        CaptureConfig,
+        params,
+        start=CaptureConfig(data=model_data(model)),
+        renames={"dtype": "model_dtype", "store_dtype": "dtype"},
     )
-    if config:
-        base = base.replace(
-            data=base.data.replace(**given(source=data, block_size=block_size, max_chars=max_chars))
-        )
-    cfg = base.replace(
-        model=model,
-        out=str(out),
-        **given(
-            tokens=tokens,
-            val_tokens=val_tokens,
-            batch_size=batch_size,
-            shard_tokens=shard_tokens,
-            dtype=dtype,
-        ),
-    )
-    store = run_capture(cfg, console=console)
+    store = run_capture(cfg, console=console)  # writes OUT/capture.yaml
     console.print(
         f"[bold green]store written to {store.path}[/]: layers {store.layers}, {store.tokens('train'):,} train and "
         f"{store.tokens('val'):,} held-out tokens in {store.manifest['seconds']:.1f} s"
@@ -85,14 +83,19 @@ def capture(
 @app.command()
 @user_errors
 def distill(
-    model: Annotated[str, typer.Argument(help="The model the store was captured from.")],
-    store: Annotated[Path, typer.Option(help="Capture store folder (from `understudy capture`).")],
+    ctx: typer.Context,
+    model: ModelArgument = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(help="Capture store folder (from `understudy capture`; default runs/store)."),
+    ] = None,
     out: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            help="Output folder: understudies (safetensors + config.json), report.json, layer-wise copies."
+            help="Output folder: understudies (safetensors + config.json + README.md), report.json, layer-wise "
+            "copies (default runs/understudies)."
         ),
-    ],
+    ] = None,
     arch: Annotated[
         str | None,
         typer.Option(
@@ -231,17 +234,9 @@ def distill(
             help="Save a resumable end-to-end checkpoint every this many steps (default 100; 0 = never)."
         ),
     ] = None,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="Text for end-to-end training and the perplexity check (default: the teacher's corpus)."
-        ),
-    ] = None,
-    block_size: Annotated[
-        int | None,
-        typer.Option(help="Tokens per block for end-to-end and evaluation (default: the teacher's)."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    data: DataOption = None,
+    block_size: BlockSizeOption = None,
+    seed: SeedOption = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -249,94 +244,68 @@ def distill(
             help="Continue a run in --out: finished layers are kept, the end-to-end stage continues from its last checkpoint (or is kept if finished).",
         ),
     ] = False,
-    config: Annotated[
-        Path | None, typer.Option(help="Read options from a distill.yaml (flags given here override it).")
+    device: DeviceOption = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="The model's dtype in the end-to-end stage and the checks: float32 (default), bfloat16 or "
+            "float16; understudies keep fp32 master weights."
+        ),
     ] = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Distil one understudy per MoE layer from a capture store (layer-wise, then optionally end-to-end)."""
     from moe_understudy.config import DistillConfig, EndToEndConfig
     from moe_understudy.understudy.distill import run_distill
 
-    base = (
-        DistillConfig.from_yaml(config)
-        if config
-        else DistillConfig(e2e=EndToEndConfig(data=_understudy_data(model, None, None, None)))
+    cfg = configure(
+        DistillConfig,
+        ctx.params,
+        start=DistillConfig(e2e=EndToEndConfig(data=model_data(model))),
+        renames={
+            "e2e_cache": "e2e.cache_teacher",
+            "data": "e2e.data.source",
+            "block_size": "e2e.data.block_size",
+        },
+        prefixes={"e2e_": "e2e."},
     )
-    e2e = base.e2e.replace(
-        data=base.e2e.data.replace(**given(source=data, block_size=block_size)),
-        **given(
-            steps=e2e_steps,
-            lr=e2e_lr,
-            blocks=e2e_blocks,
-            cache_teacher=e2e_cache,
-            batch_size=e2e_batch_size,
-            fraction_min=e2e_fraction_min,
-            fraction_max=e2e_fraction_max,
-            overflow=e2e_overflow,
-            policy=e2e_policy,
-            priority=e2e_priority,
-            cf_min=e2e_cf_min,
-            cf_max=e2e_cf_max,
-            direction=e2e_direction,
-            hidden_weight=e2e_hidden_weight,
-            checkpoint_every=e2e_checkpoint_every,
-        ),
-    )
-    cfg = base.replace(
-        model=model,
-        store=str(store),
-        out=str(out),
-        e2e=e2e,
-        seed=seed,
-        **given(
-            arch=arch,
-            loss=loss,
-            intermediate=intermediate,
-            rank=rank,
-            num_experts=num_experts,
-            top_k=top_k,
-            width=width,
-            kind=kind,
-            film=film,
-            init=init,
-            objective=objective,
-            extra_experts=extra_experts,
-            steps=steps,
-            batch_tokens=batch_tokens,
-            lr=lr,
-            eval_every=eval_every,
-            patience=patience,
-        ),
-    )
-    result = run_distill(cfg, resume=resume, console=console)
+    result = run_distill(cfg, resume=resume, console=console)  # writes OUT/distill.yaml
     console.print(f"[bold green]understudies saved to {result.out_dir}[/] (report.json holds the figures)")
 
 
 @app.command("replace-eval")
 @user_errors
 def replace_eval(
-    model: Annotated[str, typer.Argument(help="The model the understudies were distilled for.")],
-    understudies: Annotated[Path, typer.Option(help="Folder written by `understudy distill`.")],
-    data: Annotated[
-        str | None, typer.Option(help="Held-out text (default: the teacher's corpus, validation split).")
+    ctx: typer.Context,
+    model: ModelArgument = None,
+    understudies: Annotated[
+        str | None,
+        typer.Option(help="Folder written by `understudy distill` (or a hub id; default runs/understudies)."),
     ] = None,
-    blocks: Annotated[int, typer.Option(help="Held-out blocks to score.")] = 32,
-    block_size: Annotated[int | None, typer.Option(help="Tokens per block (default: the teacher's).")] = None,
-    json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the figures as JSON here.")
-    ] = None,
+    data: DataOption = None,
+    blocks: Annotated[int | None, typer.Option(help="Held-out blocks to score (default 32).")] = None,
+    block_size: BlockSizeOption = None,
+    json_out: JsonOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Reload saved understudies and compare perplexity with every MoE layer fully replaced against the model."""
     import json
 
+    from moe_understudy.config import ReplaceEvalConfig
     from moe_understudy.understudy.distill import run_replace_eval
 
+    cfg = configure(ReplaceEvalConfig, ctx.params, start=ReplaceEvalConfig(data=model_data(model)))
     result = run_replace_eval(
-        model, str(understudies), _understudy_data(model, data, block_size, None), blocks=blocks
+        cfg.model, cfg.understudies, cfg.data, blocks=cfg.blocks, device=cfg.device, dtype=cfg.dtype
     )
     console.print(
         f"perplexity {result['ppl_teacher']:.3f} -> {result['ppl_replaced']:.3f} with every MoE layer replaced "
         f"({result['increase_pct']:+.2f}%), understudy cost per layer {result['cost']}"
     )
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
+    if cfg.json_out:
+        Path(cfg.json_out).write_text(json.dumps(result, indent=2))
+        write_replay(cfg, Path(cfg.json_out).with_name("replace_eval.yaml"))

@@ -115,7 +115,7 @@ def run_rouge(cfg: RougeConfig, console: Console | None = None) -> dict:
     from moe_understudy.moe.loading import load_model_and_tokenizer
 
     console = console or Console(stderr=True)
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype)
     report: dict = {"config": cfg.to_dict(), "datasets": {}}
     for path in cfg.data:
         examples = load_instructions(path, fmt=cfg.fmt, limit=cfg.limit)
