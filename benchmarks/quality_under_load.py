@@ -1,18 +1,19 @@
-"""Quality under load on natural held-out text: every overflow policy side by side.
+"""Quality under load: every overflow policy side by side, led by the strongest baselines.
 
-Capacity factors 0.5 / 0.75 / 1.0 / 1.25, priority position, per-step capacity over a batch of
-8 x 128 tokens. Systems: full, drop, drop_renorm, reroute (no understudy needed), then for each
-understudy set: understudy (with and without readmission), layer, deadline; shadow when a shadows
-set is given. Every system runs on the same batches in the same process and is compared with
-`full` on the same tokens.
+Perplexity change vs `full` on held-out text, per-step capacity ceil(cf * T * k / E) over a batch
+of 8 x 128 tokens, every system on the same batches in one run. Baselines (no stand-in, no memory):
+score-priority drop (Capacity-Aware Inference's token drop), `expanded_drop` (its expanded drop: the
+best local expert per token beyond its top-k, over `--devices` devices), drop_renorm and reroute.
+Stand-in sets are folders written by `understudy distill` (--standins, repeatable): token-level sets
+run `understudy` (and `layer`, `deadline`), assignment-level sets run `shadow` and `expanded_shadow`.
+Every stand-in row states its memory per device (`memory_expert_equiv`, routed experts per MoE
+layer), its FLOPs (`understudy_cost` per token x active experts, and the measured
+`stand_in_cost_per_served` per served assignment x one expert). Priorities: score leads, position
+is a row (`--priorities score,position`).
 
-Understudies come from `understudy distill` folders (--understudies, repeatable; each set's cost
-= understudy FLOPs / active routed-expert FLOPs is reported). Without --understudies the script
-makes dense sets itself through the library's own capture + distill workflows (cached in --work).
-
-    .venv/bin/python benchmarks/quality_under_load.py --model runs/teacher
-    .venv/bin/python benchmarks/quality_under_load.py --model runs/teacher --scenario domain_shift
-    .venv/bin/python benchmarks/quality_under_load.py --model runs/teacher --scenario hot_expert
+    understudy capture runs/teacher --tokens 131072 --out runs/store
+    understudy distill runs/teacher --store runs/store --arch trunk --out runs/bench-quality/trunk
+    .venv/bin/python benchmarks/quality_under_load.py --model runs/teacher --standins runs/bench-quality/trunk
 """
 
 from __future__ import annotations
@@ -24,24 +25,32 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
 
-from moe_understudy.eval.quality import evaluate_policies, understudy_cost  # noqa: E402
+from moe_understudy.eval.quality import evaluate_policies  # noqa: E402
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
-from moe_understudy.report import plot_quality_vs_bytes, print_table  # noqa: E402
-from moe_understudy.runtime.scenarios import domain_shift_blocks, hot_expert_bias, natural_blocks  # noqa: E402
+from moe_understudy.moe.standins import ASSIGNMENT, level_of  # noqa: E402
+from moe_understudy.report import pyplot, save_figure  # noqa: E402
+from moe_understudy.runtime.scenarios import (  # noqa: E402
+    domain_shift_blocks,
+    hot_expert_bias,
+    model_data_config,
+    natural_blocks,
+)
 
 NAME = "quality_under_load"
+BASELINES = ("drop", "expanded_drop", "drop_renorm", "reroute")
 SCENARIO_NOTES = {
     "natural": "Held-out blocks cached with the teacher (validation split of its corpus).",
     "domain_shift": "English prose (IDLE docs, licence, e-mail test data) unlike the code the teacher and the "
-    "understudies were trained on.",
+    "stand-ins were trained on.",
     "hot_expert": "The router logit bias is applied inside every layer's router, for every system including full; "
-    "deltas are against the biased full model. Understudies stand in for the unbiased layer (they never see the "
-    "bias), so for understudy tokens they undo the perturbation: perplexity can fall below the biased full model "
-    "while KL to it is large. Read KL and agreement here, not the perplexity delta.",
+    "deltas are against the biased full model. Token-level understudies stand in for the unbiased layer, so read "
+    "KL and agreement there, not only the perplexity delta.",
 }
 console = Console(stderr=True)
 
@@ -49,24 +58,16 @@ console = Console(stderr=True)
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="runs/teacher", help="saved teacher folder")
-    p.add_argument("--understudies", action="append", default=[], help="understudy folder (repeatable)")
-    p.add_argument("--shadows", default=None, help="shadows folder (`understudy distill --arch shadows`)")
-    p.add_argument(
-        "--intermediate", default="128,256,512", help="auto-distilled dense sets: intermediate sizes"
-    )
-    p.add_argument(
-        "--shadow-width", type=int, default=128, help="auto-fitted shadows: per-expert width (0 = none)"
-    )
-    p.add_argument("--distill-steps", type=int, default=1500, help="auto-distill: layer-wise steps per layer")
-    p.add_argument(
-        "--capture-tokens", type=int, default=131_072, help="auto-distill: captured training tokens"
-    )
-    p.add_argument("--work", default="runs/bench-quality", help="cache folder for auto capture/distill")
-    p.add_argument("--capacities", default="0.5,0.75,1,1.25")
+    p.add_argument("--standins", action="append", default=[], help="`understudy distill` folder (repeatable)")
+    p.add_argument("--capacities", default="1,1.25,1.5,2")
+    p.add_argument("--priorities", default="score,position", help="score leads; position is a row")
     p.add_argument("--blocks", type=int, default=128, help="held-out blocks evaluated")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per step (capacity is per step)")
-    p.add_argument("--devices", type=int, default=4, help="devices for all-to-all byte counting")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--devices", type=int, default=4, help="devices: expanded_drop's locality and the byte ledger"
+    )
+    p.add_argument("--expanded-m", type=int, default=1, help="expanded_drop: local candidates per token")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--scenario", default="natural", choices=["natural", "domain_shift", "hot_expert"])
     p.add_argument(
         "--hot-expert", type=int, default=0, help="hot_expert scenario: expert raised in every layer"
@@ -76,61 +77,156 @@ def parse_args():
     return p.parse_args()
 
 
-def auto_understudies(
-    model_dir: str, work: Path, intermediates: list[int], steps: int, tokens: int, shadow_width: int = 0
-) -> tuple[list[str], str | None]:
-    """Dense understudy sets (and a shadows set when `shadow_width`) fitted layer-wise with MSE on a
-    capture store, by the library's pieces (cached in `work`)."""
-    from moe_understudy.capture import CaptureStore, default_data_config, run_capture
-    from moe_understudy.config import CaptureConfig
-    from moe_understudy.moe.loading import load_model_and_tokenizer
-    from moe_understudy.understudy.io import save_understudies
-    from moe_understudy.understudy.layerwise import fit_layer
-    from moe_understudy.understudy.modules import build_understudy
+def stand_in_policies(stand_ins: dict) -> tuple[str, ...]:
+    """What a set serves: single overflowing assignments, or whole tokens."""
+    if level_of(next(iter(stand_ins.values()))) == ASSIGNMENT:
+        return ("shadow", "expanded_shadow")
+    return ("understudy", "layer", "deadline")
 
-    store_dir = work / "store"
-    if not (store_dir / "manifest.json").exists():
-        cfg = CaptureConfig(
-            model=model_dir, out=str(store_dir), data=default_data_config(model_dir), tokens=tokens
+
+def run(args, model, blocks, bias, capacities) -> list[dict]:
+    from moe_understudy.understudy.io import load_understudies
+
+    rows: list[dict] = []
+    for priority in args.priorities.split(","):
+        common = dict(
+            batch_size=args.batch_size,
+            num_devices=args.devices,
+            priority=priority,
+            logit_bias=bias,
+            runtime_options={"expanded_m": args.expanded_m},
         )
-        run_capture(cfg, console=console)
-    store = CaptureStore(store_dir)
-    model, _ = load_model_and_tokenizer(model_dir)
+        got = evaluate_policies(model, None, blocks, list(BASELINES), capacities, **common)
+        rows += [
+            {**r, "set": None}
+            for r in got
+            if r["policy"] != "full" or priority == args.priorities.split(",")[0]
+        ]
+        for folder in args.standins:
+            stand_ins = load_understudies(folder, model)
+            for policy in stand_in_policies(stand_ins):
+                got = evaluate_policies(model, stand_ins, blocks, [policy], capacities, **common)
+                rows += [{**r, "set": Path(folder).name, "standins": folder} for r in got[1:]]
+    return rows
 
-    def fitted(name: str, arch: str, **kw) -> str:
-        folder = work / name
-        if not (folder / "config.json").exists():
-            sets = {}
-            for layer in find_moe_layers(model):
-                module = build_understudy(arch, layer, seed=layer.index, **kw)
-                with console.status(f"layer-wise MSE fit: {name}, layer {layer.index}"):
-                    fit = fit_layer(
-                        module, store.load(layer.index, "train"), store.load(layer.index, "val"), steps=steps
-                    )
-                console.print(
-                    f"{name} layer {layer.index}: held-out rel. error {fit.val_error:.4f} after {fit.steps} steps"
-                )
-                sets[layer.index] = module.eval()
-            save_understudies(folder, sets, model)
-        return str(folder)
 
-    dense = [fitted(f"dense-{inter}", "dense", intermediate=inter) for inter in intermediates]
-    shadows = fitted(f"shadows-{shadow_width}", "shadows", width=shadow_width) if shadow_width > 0 else None
-    return dense, shadows
+def label(r: dict) -> str:
+    return r["policy"] if r["set"] is None else f"{r['policy']} [{r['set']}]"
+
+
+def print_lead_table(rows: list[dict], capacities: list[float], title: str) -> None:
+    """Δppl per system and cf, strongest baseline first; memory and cost beside every stand-in."""
+    t = Table(title=title)
+    for c in ("priority", "system", "memory (experts/layer/device)", "cost/served"):
+        t.add_column(c)
+    for cf in capacities:
+        t.add_column(f"cf {cf:g}", justify="right")
+    systems: dict[tuple, dict[float, dict]] = {}
+    for r in rows:
+        if r["policy"] == "full":
+            continue
+        systems.setdefault((r["priority"], label(r)), {})[r["capacity_factor"]] = r
+    rank = {name: i for i, name in enumerate(BASELINES)}  # the strongest baselines lead
+    order = sorted(systems, key=lambda k: (k[0] != "score", rank.get(k[1], len(rank)), k[1]))
+    for key in order:
+        by_cf = systems[key]
+        any_row = next(iter(by_cf.values()))
+        cost = any_row.get("stand_in_cost_per_served")
+        t.add_row(
+            key[0],
+            escape(key[1]),
+            f"{any_row['memory_expert_equiv']:.2f}",
+            "-" if cost is None else f"{cost:.2f}",
+            *[f"{by_cf[cf]['ppl_delta_pct']:+.2f}%" if cf in by_cf else "" for cf in capacities],
+        )
+    Console(width=200).print(t)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
+    for ax, priority in zip(axes, ("score", "position"), strict=True):
+        series: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["priority"] == priority and r["policy"] != "full":
+                series.setdefault(label(r), []).append(r)
+        for name, rs in sorted(series.items()):
+            rs = sorted(rs, key=lambda r: r["capacity_factor"])
+            style = "--" if r_is_baseline(rs[0]) else "-"
+            ax.plot(
+                [r["capacity_factor"] for r in rs],
+                [r["ppl_delta_pct"] for r in rs],
+                style,
+                marker="o",
+                label=name,
+            )
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel("capacity factor")
+        ax.set_ylabel("perplexity change vs full (%)")
+        ax.set_title(f"{priority} priority")
+        if series:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def r_is_baseline(r: dict) -> bool:
+    return r["set"] is None
+
+
+def check_targets(rows: list[dict], capacities: list[float]) -> dict:
+    """Issue targets for assignment-level sets at memory <= 1 (score priority): below drop and
+    expanded_drop at every cf; <= +1% at cf 1.0; <= +0.1% at cf 2.0."""
+
+    def delta(policy: str, cf: float, set_name=None) -> float | None:
+        got = [
+            r["ppl_delta_pct"]
+            for r in rows
+            if r["priority"] == "score"
+            and r["policy"] == policy
+            and r["capacity_factor"] == cf
+            and r["set"] == set_name
+        ]
+        return got[0] if got else None
+
+    out: dict = {"summary": [], "sets": {}}
+    for set_name in sorted(
+        {r["set"] for r in rows if r["set"] and r["policy"] in ("shadow", "expanded_shadow")}
+    ):
+        for policy in ("shadow", "expanded_shadow"):
+            mine = {cf: delta(policy, cf, set_name) for cf in capacities}
+            if any(v is None for v in mine.values()):
+                continue
+            memory = max(r["memory_expert_equiv"] for r in rows if r["set"] == set_name)
+            below = all(mine[cf] < min(delta("drop", cf), delta("expanded_drop", cf)) for cf in capacities)
+            res = {
+                "memory_expert_equiv": memory,
+                "below_drop_and_expanded_drop_everywhere": below,
+                "cf1_delta_pct": mine.get(1.0),
+                "cf1_within_1pct": mine.get(1.0) is not None and mine[1.0] <= 1.0,
+                "cf2_delta_pct": mine.get(2.0),
+                "cf2_within_0.1pct": mine.get(2.0) is not None and mine[2.0] <= 0.1,
+            }
+            out["sets"][f"{policy} [{set_name}]"] = res
+            out["summary"].append(
+                f"{policy} [{set_name}] (memory {memory:.2f}): below drop and expanded_drop at every cf: "
+                f"{'yes' if below else 'no'}; cf 1.0 {res['cf1_delta_pct']:+.2f}% (<= +1%: "
+                f"{'met' if res['cf1_within_1pct'] else 'missed'}); cf 2.0 {res['cf2_delta_pct']:+.2f}% (<= +0.1%: "
+                f"{'met' if res['cf2_within_0.1pct'] else 'missed'})"
+            )
+    return out
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     from moe_understudy.moe.loading import load_model_and_tokenizer
-    from moe_understudy.understudy.io import load_understudies
 
     capacities = [float(c) for c in args.capacities.split(",")]
     model, tokenizer = load_model_and_tokenizer(args.model)
     layers = find_moe_layers(model)
-    from moe_understudy.capture import default_data_config
-
-    data = default_data_config(args.model)
+    data = model_data_config(args.model, None)
     if args.scenario == "domain_shift":
         blocks = domain_shift_blocks(tokenizer, data.block_size, args.blocks)
     else:
@@ -146,71 +242,18 @@ def main() -> None:
         "domain_shift": "domain shift (prose)",
         "hot_expert": f"hot expert {args.hot_expert} (+{args.hot_bias:g} logit)",
     }[args.scenario]
-    sets, shadows = args.understudies, args.shadows
-    if not sets:
-        sets, auto_shadows = auto_understudies(
-            args.model,
-            Path(args.work),
-            [int(i) for i in args.intermediate.split(",")],
-            args.distill_steps,
-            args.capture_tokens,
-            0 if shadows else args.shadow_width,
-        )
-        shadows = shadows or auto_shadows
-    common = dict(batch_size=args.batch_size, num_devices=args.devices, priority="position", logit_bias=bias)
     t0 = time.time()
-    rows = evaluate_policies(model, None, blocks, ["drop", "drop_renorm", "reroute"], capacities, **common)
-    for folder in sets:
-        us = load_understudies(folder, model)
-        cost = understudy_cost(model, us)
-        tag = f"cost {cost:.2f}, {Path(folder).name}"  # the name keeps two sets of one cost apart
-        for policy, options in (("understudy", {}), ("layer", {}), ("deadline", {})):
-            got = evaluate_policies(
-                model, us, blocks, [policy], capacities, runtime_options=options, **common
-            )
-            rows += [
-                {**r, "policy": f"{policy} ({tag})", "base_policy": policy, "understudies": folder}
-                for r in got[1:]
-            ]
-        got = evaluate_policies(
-            model, us, blocks, ["understudy"], capacities, runtime_options={"readmit": False}, **common
-        )
-        rows += [
-            {
-                **r,
-                "policy": f"understudy no-readmit ({tag})",
-                "base_policy": "understudy",
-                "readmit": False,
-                "understudies": folder,
-            }
-            for r in got[1:]
-        ]
-    if shadows:
-        sh = load_understudies(shadows, model)
-        got = evaluate_policies(model, sh, blocks, ["shadow"], capacities, **common)
-        cost = understudy_cost(model, sh)
-        rows += [
-            {
-                **r,
-                "policy": f"shadow (cost {cost:.2f})",
-                "base_policy": "shadow",
-                "understudies": shadows,
-            }
-            for r in got[1:]
-        ]
+    rows = run(args, model, blocks, bias, capacities)
     seconds = time.time() - t0
-    for r in rows:
-        r.setdefault("base_policy", r["policy"])
-
-    print_table(
-        rows,
-        Console(),
-        title=f"quality under load: {text}, {len(blocks)} blocks, batch {args.batch_size} x {blocks.shape[1]}",
+    title = (
+        f"quality under load, {text}: {len(layers)} layers x {layers[0].num_experts} experts top-{layers[0].top_k}, "
+        f"{len(blocks)} blocks, batch {args.batch_size} x {blocks.shape[1]}, {args.devices} devices"
     )
-    png = plot_quality_vs_bytes(rows, RESULTS / f"{name}.png", title=f"quality under load, {text}")
+    print_lead_table(rows, capacities, title)
+    png = plot(rows, RESULTS / f"{name}.png", title)
     targets = check_targets(rows, capacities)
     for line in targets["summary"]:
-        console.print(line)
+        console.print(escape(line))
     path = write_result(
         name,
         {
@@ -222,17 +265,22 @@ def main() -> None:
             "experts": layers[0].num_experts,
             "top_k": layers[0].top_k,
             "hidden": layers[0].hidden_size,
+            "expert_intermediate": layers[0].expert_intermediate_size,
             "blocks": int(blocks.shape[0]),
             "block_size": int(blocks.shape[1]),
             "batch_size": args.batch_size,
-            "priority": "position",
+            "priorities": args.priorities.split(","),
             "capacities": capacities,
-            "understudy_sets": sets,
-            "shadows": shadows,
+            "devices": args.devices,
+            "expanded_m": args.expanded_m,
+            "standin_sets": args.standins,
             "seconds": round(seconds, 1),
             "notes": "Capacity ceil(cf*T*k/E) per layer and step of batch_size x block_size tokens; every system "
-            "compared with full on the same batches in one run. bytes_per_token: dispatch + combine over "
-            f"{args.devices} devices (contiguous experts and tokens), summed over MoE layers, fp32 hidden.",
+            "compared with full on the same batches in one run. memory_expert_equiv: stand-in parameters per device "
+            "per MoE layer in units of one routed expert (3 H I); understudy_cost: stand-in FLOPs per token / the "
+            "active routed experts'; stand_in_cost_per_served: measured stand-in FLOPs per assignment it served / one "
+            f"expert's. Bytes: dispatch + combine + routing exchange over {args.devices} devices (contiguous experts "
+            "and tokens), summed over MoE layers, fp32 hidden.",
             "scenario_note": SCENARIO_NOTES[args.scenario],
             "targets": targets,
             "plot": str(png),
@@ -240,36 +288,6 @@ def main() -> None:
         },
     )
     console.print(f"wrote {path} and {png}")
-
-
-def check_targets(rows: list[dict], capacities: list[float]) -> dict:
-    """Issue targets: understudy within +1% of full at cf 1, +3% at 0.5; ahead of drop and reroute everywhere."""
-
-    def delta(policy: str, cf: float) -> float | None:
-        got = [r["ppl_delta_pct"] for r in rows if r["policy"] == policy and r["capacity_factor"] == cf]
-        return got[0] if got else None
-
-    out: dict = {"summary": [], "sets": {}}
-    for policy in sorted({r["policy"] for r in rows if r["policy"].startswith("understudy (")}):
-        at1, at05 = delta(policy, 1.0), delta(policy, 0.5)
-        ahead = all(
-            delta(policy, cf) is not None and delta(policy, cf) < min(delta("drop", cf), delta("reroute", cf))
-            for cf in capacities
-        )
-        res = {
-            "cf1_delta_pct": at1,
-            "cf1_within_1pct": at1 is not None and at1 <= 1.0,
-            "cf05_delta_pct": at05,
-            "cf05_within_3pct": at05 is not None and at05 <= 3.0,
-            "ahead_of_drop_and_reroute_everywhere": ahead,
-        }
-        out["sets"][policy] = res
-        out["summary"].append(
-            f"{policy}: cf1 {at1:+.2f}% (target <= +1%: {'met' if res['cf1_within_1pct'] else 'missed'}), "
-            f"cf0.5 {at05:+.2f}% (target <= +3%: {'met' if res['cf05_within_3pct'] else 'missed'}), "
-            f"ahead of drop & reroute at every cf: {'yes' if ahead else 'no'}"
-        )
-    return out
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@
    understudy path the runtime takes for understudy tokens (gather, understudy, scatter-add), for
    dense understudies at several costs. Target: understudy path at most 1/4 of the routed-expert
    time per token.
+3. Per MoE layer and served assignment: the assignment-level stand-in path (the core's
+   `stand_in_output` on the assignments that overflow under score-priority drop at cf 1.0) vs the
+   routed experts per assignment, for the gated trunk and for narrow per-expert shadows of the same
+   memory. Target: time share at most 1.2x the FLOP share (stand-in FLOPs per served assignment /
+   one expert's).
 Timings interleave the compared systems rep by rep and report medians, so CPU contention from other
 processes affects all of them alike (the machine is shared; ratios are the meaningful figures).
 
@@ -29,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
+from moe_understudy.runtime.core import stand_in_output  # noqa: E402
 from moe_understudy.runtime.layer import patch, unpatch  # noqa: E402
 from moe_understudy.runtime.ledger import LoadRecorder  # noqa: E402
+from moe_understudy.runtime.policies import expert_capacity, plan_routing  # noqa: E402
 from moe_understudy.understudy.modules import build_understudy, cost_ratio  # noqa: E402
 
 NAME = "runtime_overhead"
@@ -42,6 +49,9 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--reps", type=int, default=30, help="timed repetitions per system (after warm-up)")
     p.add_argument("--intermediate", default="128,256,512", help="dense understudy sizes timed in part 2")
+    p.add_argument(
+        "--shadow-width", type=int, default=32, help="narrow shadows timed in part 3 (8 x 32 = one expert)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=NAME)
     return p.parse_args()
@@ -148,6 +158,59 @@ def layer_parts(model, blocks, reps: int, intermediates: list[int]) -> list[dict
     return rows
 
 
+@torch.no_grad()
+def assignment_parts(model, blocks, reps: int, shadow_width: int) -> list[dict]:
+    """Per layer: the assignment-level stand-in path per served assignment vs the experts per assignment."""
+    layers = find_moe_layers(model)
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [
+        m.block.register_forward_pre_hook(
+            lambda mod, args, L=m.index: inputs.__setitem__(L, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for m in layers
+    ]
+    model(input_ids=blocks)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for moe in layers:
+        x = inputs[moe.index]
+        r = moe.route(x)
+        T, k = r.indices.shape
+        plan = plan_routing(r, "shadow", expert_capacity(T, k, moe.num_experts, 1.0), "score")
+        served = int(plan.shadow_served.sum())
+        stand_ins = {
+            "trunk": build_understudy("trunk", moe, seed=0, init="random").eval(),
+            f"shadows w{shadow_width}": build_understudy(
+                "shadows", moe, seed=0, width=shadow_width, init="random"
+            ).eval(),
+        }
+        fns = {"experts": lambda x=x, r=r, moe=moe: moe.experts(x, r.indices, r.weights)}
+        for name, s in stand_ins.items():
+            fns[name] = lambda s=s, x=x, plan=plan, E=moe.num_experts: stand_in_output(x, plan, s, E)
+        t = interleaved(fns, reps)
+        per_assignment_experts = t["experts"] / (T * k)
+        for name, s in stand_ins.items():
+            flops = float(s.token_flops(plan.shadow_served).sum()) / max(served, 1)
+            flop_share = flops / moe.expert_flops_per_token()
+            time_share = (t[name] / max(served, 1)) / per_assignment_experts
+            rows.append(
+                {
+                    "layer": moe.index,
+                    "stand_in": name,
+                    "served_assignments": served,
+                    "assignments": T * k,
+                    "memory_expert_equiv": round(s.memory_expert_equiv(moe.expert_params()), 4),
+                    "flop_share_per_served": round(flop_share, 4),
+                    "time_share_per_served": round(time_share, 4),
+                    "time_over_flop_share": round(time_share / flop_share, 3),
+                    "experts_us_per_assignment": 1e6 * per_assignment_experts,
+                    "stand_in_us_per_served": 1e6 * t[name] / max(served, 1),
+                }
+            )
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -194,6 +257,23 @@ def main() -> None:
             f"{r['time_ratio']:.3f}",
         )
     console.print(t2)
+    assigned = assignment_parts(model, blocks, args.reps, args.shadow_width)
+    t3 = Table(
+        title="per MoE layer and served assignment: assignment-level stand-in vs routed experts (cf 1.0, score)"
+    )
+    for c in ("layer", "stand-in", "memory", "served", "FLOP share", "time share", "time / FLOP share"):
+        t3.add_column(c, justify="right")
+    for r in assigned:
+        t3.add_row(
+            str(r["layer"]),
+            r["stand_in"],
+            f"{r['memory_expert_equiv']:.2f}",
+            f"{r['served_assignments']}/{r['assignments']}",
+            f"{r['flop_share_per_served']:.3f}",
+            f"{r['time_share_per_served']:.3f}",
+            f"{r['time_over_flop_share']:.2f}",
+        )
+    console.print(t3)
     by_cost = {}
     for r in parts:
         by_cost.setdefault(r["understudy_intermediate"], []).append(r["time_ratio"])
@@ -204,6 +284,13 @@ def main() -> None:
         "understudy_within_quarter_by_intermediate": {
             k: statistics.mean(v) <= 0.25 for k, v in by_cost.items()
         },
+        "assignment_time_over_flop_share": {
+            name: statistics.mean(r["time_over_flop_share"] for r in assigned if r["stand_in"] == name)
+            for name in dict.fromkeys(r["stand_in"] for r in assigned)
+        },
+    }
+    summary["assignment_within_1_2x_flop_share"] = {
+        k: v <= 1.2 for k, v in summary["assignment_time_over_flop_share"].items()
     }
     console.print(summary)
     path = write_result(
@@ -217,6 +304,7 @@ def main() -> None:
             "Understudy path = gather the understudy tokens, run the understudy, scatter-add (half the batch's tokens).",
             "forward_seconds": forward,
             "layer_parts": parts,
+            "assignment_parts": assigned,
             "summary": summary,
         },
     )

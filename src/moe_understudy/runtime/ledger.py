@@ -234,6 +234,8 @@ class LoadRecorder:
             "rank_work_imbalance": sum(imbalance(torch.tensor(s.rank_flops)) for s in self.steps) / n,
             "stand_in_flops_fraction": total("stand_in_flops")
             / max(total("stand_in_flops") + total("expert_flops"), 1e-30),
+            # stand-in FLOPs per assignment it served (a token-level understudy token covers k)
+            "stand_in_flops_per_served": total("stand_in_flops") / max(total("shadow") + total("understudy"), 1),
             "memory_expert_equiv": max(s.memory_expert_equiv for s in self.steps),
         }
 
