@@ -59,10 +59,14 @@ def stand_in_sizes(model: nn.Module, understudies: dict[int, nn.Module] | None) 
     memory per device (`memory_expert_equiv`, in routed experts); None without stand-ins."""
     layers = [m for m in find_moe_layers(model) if understudies and m.index in understudies]
     if not layers:
-        return {"cost": None, "memory_expert_equiv": None}
+        return {"cost": None, "memory_expert_equiv": None, "expert_flops": None}
     cost = [understudies[m.index].flops_per_token() / m.active_expert_flops_per_token() for m in layers]
     memory = [understudies[m.index].memory_expert_equiv(m.expert_params()) for m in layers]
-    return {"cost": sum(cost) / len(cost), "memory_expert_equiv": sum(memory) / len(memory)}
+    return {
+        "cost": sum(cost) / len(cost),
+        "memory_expert_equiv": sum(memory) / len(memory),
+        "expert_flops": layers[0].expert_flops_per_token(),
+    }
 
 
 @torch.no_grad()
@@ -158,6 +162,10 @@ def _rows(runs, sums, recorders, priority, batch_size, num_devices, sizes) -> li
                 "total_bytes_per_token": load["total_bytes_per_token"],
                 "rank_work_imbalance": load["rank_work_imbalance"],
                 "stand_in_flops_fraction": load["stand_in_flops_fraction"],
+                # measured stand-in FLOPs per served assignment over one routed expert's per assignment
+                "stand_in_cost_per_served": load["stand_in_flops_per_served"] / sizes["expert_flops"]
+                if uses_stand_in and sizes["expert_flops"]
+                else None,
                 "max_over_mean": load["mean_max_over_mean"],
                 "max_served_over_mean": load["mean_max_served_over_mean"],
                 "num_devices": num_devices,
