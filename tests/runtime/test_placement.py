@@ -108,3 +108,16 @@ def test_dispatch_traffic_counts_only_off_rank_assignments_that_are_sent():
     assert t.recv_bytes.tolist() == [10, 20]
     assert t.wire_bytes == 60
     assert t.load_imbalance() == pytest.approx(3 / 2.5)
+
+
+def test_rebalance_from_window_plans_on_the_mean_load_of_the_window():
+    from moe_understudy.runtime.placement import rebalance_from_window
+
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(0, 50, (5, 2, 8), generator=g).float()
+    window[:, :, 3] += 400.0  # expert 3 is hot in every step of the window
+    p = rebalance_from_window(window, num_ranks=4, slots_per_rank=3)
+    assert torch.equal(p.phys_to_logical, replicate_hot_experts(window.mean(0), 4, 3).phys_to_logical)
+    assert (p.replica_count()[:, 3] >= 2).all()
+    with pytest.raises(ValueError, match="window_loads"):
+        rebalance_from_window(window[0], 4, 3)

@@ -263,6 +263,19 @@ def replicate_hot_experts(load: torch.Tensor, num_ranks: int, slots_per_rank: in
     return Placement(phys, share, num_ranks, slots_per_rank, E)
 
 
+def rebalance_from_window(window_loads: torch.Tensor, num_ranks: int, slots_per_rank: int) -> Placement:
+    """EPLB as serving engines refresh it: replicate and pack on the mean load of a past window of steps.
+
+    window_loads: [steps, layers, E] routed assignments per expert in each step of the window. The
+    plan serves the steps after it until the next refresh, so what it leaves is each step's
+    fluctuation around the window's mean plus the drift since (EPLB's README: loads are predicted
+    with "a moving average of historical statistics"; vLLM re-plans every `step_interval` steps).
+    """
+    if window_loads.dim() != 3 or window_loads.shape[0] == 0:
+        raise ValueError(f"window_loads must be [steps >= 1, layers, E], got {list(window_loads.shape)}.")
+    return replicate_hot_experts(window_loads.double().mean(0), num_ranks, slots_per_rank)
+
+
 # ---- traffic of a dispatch ----------------------------------------------------------------------
 
 
