@@ -6,9 +6,11 @@ siblings so each rank holds one expert (`sim.traces.expand_trace`): with `--expa
 default) the sibling is drawn per assignment, which keeps load shares and max/mean expert load as
 captured but makes siblings unpredictable (pessimistic for speculation); `--expansion token` keys
 the sibling on the token id, which keeps predictability but adds skew from frequent tokens.
-Costs: a Mixtral-8x7B-sized layer (H 4096, I 14336, bf16 rows) on 400 TFLOP/s devices with
-50 GB/s links and 10 us all-to-all latency; understudy at 0.5 x the active routed FLOPs, and
-replication gets the same memory (one spare expert slot per rank). Quality is not simulated: it is
+Costs: `config.ClusterCost` defaults (a DeepSeek-V3-sized expert on H800/H200-class GPUs, NVLink
+within 8-GPU nodes and RDMA across them as DeepEP reports them; sources in config.py), charged by
+the runtime ledger; understudy at 0.5 x the active routed FLOPs, and replication gets the same
+memory (one spare expert slot per rank). Work imbalance is (max - mean) / mean over ranks. The
+shifting-load study against EPLB is benchmarks/sim_eplb.py. Quality is not simulated: it is
 read from the real-model measurements (quality_under_load.json from the runtime benchmark, else
 this project's ep_understudy.json) for the same policy and capacity factor.
 
@@ -106,7 +108,7 @@ def main() -> None:
         "step cut vs full",
         "step cut vs drop",
         "wire cut vs full",
-        "max/mean work",
+        "work imbalance",
         "degraded",
         "quality",
     ):

@@ -627,21 +627,38 @@ class EPConfig(StageConfig):
 
 @dataclass(frozen=True)
 class ClusterCost(StageConfig):
-    """Cost model of one MoE layer on a cluster (defaults: a Mixtral-8x7B-sized layer on H100-class devices)."""
+    """Cost model of one MoE layer step on a GPU cluster (sim/cost.py); each default's source is on its line.
 
-    hidden_size: int = 4096  # H of the simulated layer (bytes moved per assignment = H x dtype_bytes)
-    expert_intermediate: int = 14336  # I of one routed expert; FLOPs per assignment = 6 H I
-    dtype_bytes: int = 2  # bf16 activations on the wire
-    device_tflops: float = 400.0  # sustained expert-GEMM throughput per device, TFLOP/s
-    link_gbps: float = 50.0  # per-device all-to-all bandwidth, GB/s (each direction)
-    latency_us: float = 10.0  # fixed cost of one all-to-all, microseconds
-    understudy_cost: float = 0.5  # understudy FLOPs per token / active routed-expert FLOPs per token
+    Defaults: a DeepSeek-V3-sized routed expert on H800/H200-class GPUs, 8 GPUs per node, with the
+    all-to-all bandwidths DeepEP's README reports (docs/legacy.md, "Performance"; H800 + CX7 400 Gb/s).
+    """
+
+    hidden_size: int = 7168  # DeepSeek-V3 config.json hidden_size; one row on the wire = H x dtype_bytes
+    expert_intermediate: int = 2048  # DeepSeek-V3 moe_intermediate_size; FLOPs per assignment = 6 H I
+    dtype_bytes: int = 2  # bf16 rows both ways, as the ledger charges (DeepEP's tests dispatch FP8: 1 byte)
+    # bf16 grouped-GEMM TFLOP/s per GPU: 989 dense bf16 peak on H100/H800/H200 SXM (NVIDIA datasheets)
+    # x ~0.6, the fraction of the FP8 peak DeepGEMM's README (commit 327ec92) reports for DeepSeek-V3
+    # expert shapes on H800 (815-1346 of 1979 TFLOP/s, grouped contiguous and masked layouts)
+    device_tflops: float = 600.0
+    # internode RDMA GB/s per GPU: DeepEP 43-58 (normal kernels, EP16-64), 39-48 (low-latency, EP32-256)
+    link_gbps: float = 45.0
+    nvlink_gbps: float = 150.0  # intranode NVLink GB/s per GPU: DeepEP 153 / 158 (dispatch / combine, EP8)
+    ranks_per_node: int = 8  # GPUs per node sharing NVLink (DeepEP's EP 8 x nodes)
+    # per all-to-all (and exchange all-gather) message: an assumption, not a measurement. DeepEP's
+    # low-latency table is explained by bytes / bandwidth to within a few us (EP8: 128 tokens x 8 x
+    # 7392 B FP8 rows = 7.6 MB at 98 GB/s = 77 us, reported 77 us)
+    latency_us: float = 5.0
+    understudy_cost: float = 0.5  # token-level understudy FLOPs / active routed experts' (SimConfig)
 
     def __post_init__(self) -> None:
-        if min(self.hidden_size, self.expert_intermediate, self.dtype_bytes) <= 0:
-            raise ValueError("hidden_size, expert_intermediate and dtype_bytes must be positive.")
-        if self.device_tflops <= 0 or self.link_gbps <= 0 or self.latency_us < 0:
-            raise ValueError("device_tflops and link_gbps must be positive, latency_us non-negative.")
+        if min(self.hidden_size, self.expert_intermediate, self.dtype_bytes, self.ranks_per_node) <= 0:
+            raise ValueError(
+                "hidden_size, expert_intermediate, dtype_bytes and ranks_per_node must be positive."
+            )
+        if self.device_tflops <= 0 or self.link_gbps <= 0 or self.nvlink_gbps <= 0 or self.latency_us < 0:
+            raise ValueError(
+                "device_tflops, link_gbps and nvlink_gbps must be positive, latency_us non-negative."
+            )
         if self.understudy_cost <= 0:
             raise ValueError(f"understudy_cost must be positive, got {self.understudy_cost}.")
 
@@ -703,6 +720,94 @@ class SimConfig(StageConfig):
             raise ValueError(f"calibration_fraction must be in (0, 1), got {self.calibration_fraction}.")
         if self.zipf < 0 or self.synthetic_experts < 2 or not 1 <= self.top_k < self.synthetic_experts:
             raise ValueError("zipf must be >= 0, synthetic_experts >= 2 and 1 <= top_k < synthetic_experts.")
+
+
+# Systems compared side by side by the shifting-load study (sim/study.py); see sim/systems.py.
+SHIFT_SYSTEMS = (
+    "full",
+    "drop",
+    "expanded_drop",
+    "eplb_fresh",
+    "eplb_stale",
+    "eplb_stale_standin",
+    "standin",
+)
+SHIFT_SCENARIOS = ("natural", "domain_shift", "hot_burst")
+
+
+@dataclass(frozen=True)
+class ShiftSimConfig(StageConfig):
+    """EPLB against stand-ins under shifting load, replayed step by step (`benchmarks/sim_eplb.py`)."""
+
+    model: str = "runs/teacher-fine"  # teacher whose captured routing is replayed
+    stand_in: str | None = None  # saved stand-in folder: its memory and FLOPs are read; None: the two below
+    stand_in_memory: float = 1.0  # stand-in per device per layer, in routed experts (memory_expert_equiv)
+    stand_in_flops: float = 0.5  # stand-in FLOPs per served assignment / one routed expert's
+    ranks: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    scenarios: tuple[str, ...] = SHIFT_SCENARIOS
+    systems: tuple[str, ...] = SHIFT_SYSTEMS
+    phase: str = "decode"  # decode: each rank's sequences emit one token per step | prefill: whole blocks
+    tokens_per_rank: int = 128  # tokens each rank's attention (data parallel) feeds the MoE per step
+    sequence_tokens: int = 32  # decode: tokens of one sequence (a window of a captured block)
+    steps: int = 128  # timed steps per (scenario, ranks)
+    rank_step_budget: int = 0  # > 0: at most this many ranks x steps per run (fewer steps at many ranks)
+    warmup_steps: int = 32  # steps before the first timed one; their load plans the first stale EPLB
+    refresh_every: int = 96  # stale EPLB re-plans every N steps from the last `window` steps' load
+    window: int = 32  # steps of load a stale plan is made from
+    fresh_window: int = 16  # EPLB fresh is re-planned every N steps on the mean load of those very steps
+    shift_at: float = 0.25  # domain_shift: new sequences are prose after this fraction of the steps
+    burst_every: int = 32  # hot_burst: a burst starts every N steps ...
+    burst_len: int = 8  # ... and lasts this many steps
+    burst_bias: float = 2.0  # ... with this router-logit bias on one expert per layer (drawn per burst)
+    capacity_factor: float = 1.0  # per rank: ceil(cf * tokens * k / ranks)
+    priority: str = "score"  # which assignments overflow first: score | position
+    memory_budget: int = 1  # per device per layer beyond E / R, in routed experts (EPLB's extra slots)
+    expansion: str = "fitted"  # ranks > experts: fitted (sibling shares + context, fitted) | random siblings
+    max_blocks: int = 512  # natural (and prose) blocks captured
+    cost: ClusterCost = field(default_factory=ClusterCost)
+    out: str = "runs/sim_eplb"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from moe_understudy.runtime.policies import PRIORITIES
+
+        bad = [s for s in self.systems if s.split("@")[0] not in SHIFT_SYSTEMS]
+        if bad or not self.systems:
+            raise ValueError(
+                f"systems must be a non-empty list from {', '.join(SHIFT_SYSTEMS)}; got {list(self.systems)}."
+            )
+        bad = [s for s in self.scenarios if s not in SHIFT_SCENARIOS]
+        if bad or not self.scenarios:
+            raise ValueError(
+                f"scenarios must be a non-empty list from {', '.join(SHIFT_SCENARIOS)}; got {list(self.scenarios)}."
+            )
+        if not self.ranks or any(r < 2 for r in self.ranks):
+            raise ValueError(f"ranks must be integers >= 2, got {list(self.ranks)}.")
+        if self.phase not in ("decode", "prefill"):
+            raise ValueError(f"phase must be decode or prefill, got {self.phase!r}.")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
+        if (
+            min(self.tokens_per_rank, self.sequence_tokens, self.steps, self.refresh_every, self.window) <= 0
+            or min(self.fresh_window, self.max_blocks) <= 0
+            or self.rank_step_budget < 0
+        ):
+            raise ValueError(
+                "tokens_per_rank, sequence_tokens, steps, refresh_every, window, fresh_window and max_blocks "
+                "must be positive, rank_step_budget >= 0."
+            )
+        if self.warmup_steps < self.window:
+            raise ValueError(
+                "warmup_steps must be at least window (the first stale plan needs a full window)."
+            )
+        if not 0.0 <= self.shift_at < 1.0 or self.burst_len <= 0 or self.burst_every <= self.burst_len:
+            raise ValueError("need 0 <= shift_at < 1 and 0 < burst_len < burst_every.")
+        if self.capacity_factor <= 0 or self.memory_budget < 0:
+            raise ValueError("capacity_factor must be positive and memory_budget >= 0.")
+        if self.stand_in_memory <= 0 or self.stand_in_flops <= 0:
+            raise ValueError("stand_in_memory and stand_in_flops must be positive.")
+        if self.expansion not in ("fitted", "random"):
+            raise ValueError(f"expansion must be fitted or random, got {self.expansion!r}.")
 
 
 # ---- demo ----

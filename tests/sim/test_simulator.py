@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_understudy.config import ClusterCost, SimConfig
-from moe_understudy.sim.cost import all_to_all_seconds, compute_seconds, understudy_slots
+from moe_understudy.sim.cost import compute_seconds, flat_all_to_all_seconds, understudy_slots
 from moe_understudy.sim.simulator import simulate_cluster
 from moe_understudy.sim.traces import synthetic_trace
 from moe_understudy.sim.workflow import quality_lookup, run_simulation
@@ -25,13 +25,11 @@ def at8(skewed):
     return {r.policy: r for r in rows}
 
 
-def test_all_to_all_time_is_latency_plus_the_busiest_rank_over_bandwidth():
-    cost = ClusterCost(link_gbps=10.0, latency_us=5.0)
-    t = all_to_all_seconds(torch.tensor([10e9, 2e9]), torch.tensor([1e9, 20e9]), cost)
+def test_flat_all_to_all_time_is_latency_plus_the_busiest_rank_over_bandwidth():
+    cost = ClusterCost(link_gbps=10.0, nvlink_gbps=100.0, ranks_per_node=1, latency_us=5.0)
+    t = flat_all_to_all_seconds(torch.tensor([10e9, 2e9]), torch.tensor([1e9, 20e9]), cost)
     assert t == pytest.approx(5e-6 + 2.0)
-    assert (
-        all_to_all_seconds(torch.tensor([5.0]), torch.tensor([5.0]), cost) == 0.0
-    )  # one rank: no collective
+    assert flat_all_to_all_seconds(torch.tensor([5.0]), torch.tensor([5.0]), cost) == 0.0  # one rank
     assert compute_seconds(torch.tensor([4e12, 8e12]), ClusterCost(device_tflops=2.0)) == pytest.approx(4.0)
 
 
@@ -42,7 +40,7 @@ def test_understudy_memory_budget_in_expert_slots():
 
 def test_step_time_is_the_sum_of_its_parts(at8):
     for r in at8.values():
-        assert r.step_ms == pytest.approx(r.dispatch_ms + r.compute_ms + r.combine_ms)
+        assert r.step_ms == pytest.approx(r.exchange_ms + r.dispatch_ms + r.compute_ms + r.combine_ms)
 
 
 def test_full_and_baselines_degrade_nothing_while_drop_does(at8):
@@ -61,7 +59,8 @@ def test_capacity_policies_cut_the_straggler_of_a_skewed_trace(at8):
 
 def test_understudy_tokens_stay_home_so_fewer_bytes_move(at8):
     assert at8["understudy"].wire_bytes < at8["full"].wire_bytes
-    assert at8["understudy"].work_imbalance >= at8["understudy"].expert_imbalance * 0.5
+    # the understudy's FLOPs land on the tokens' own ranks: rank work stays below expert-row skew
+    assert 0.0 <= at8["understudy"].work_imbalance < at8["understudy"].expert_imbalance - 1.0
 
 
 def test_speculation_moves_rows_off_the_critical_path_but_not_off_the_wire(at8):

@@ -64,3 +64,55 @@ def test_token_expansion_sends_a_token_id_to_the_same_sibling_in_every_sample():
     for trace in (a, b):
         for tok, e in zip(trace.token_ids.tolist(), trace.indices[0, :, 0].tolist(), strict=True):
             assert seen.setdefault((tok, e // 8), e) == e
+
+
+def test_sibling_split_keeps_parents_and_distinct_choices_and_is_fixed_per_token():
+    from moe_understudy.sim.traces import Expansion, SiblingSplit
+
+    t = synthetic_trace(2, 2000, 8, 3, zipf=1.0, seed=3)
+    split = SiblingSplit(Expansion(4, alpha=1.0, context=0.5, seed=0), 2, 8)
+    rows = torch.arange(2000)
+    kids = split.children(1, t.indices[1], t.weights[1], rows)
+    assert split.num_experts == 32 and torch.equal(kids // 4, t.indices[1])
+    again = split.children(1, t.indices[1, 100:], t.weights[1, 100:], rows[100:])
+    assert torch.equal(again, kids[100:])  # a token's sibling does not depend on the batch it is in
+    # a parent chosen twice (a coarsened trace) still gives distinct siblings
+    twice = torch.tensor([[0, 0, 1], [2, 2, 2]])
+    c = split.children(0, twice, torch.tensor([[0.5, 0.3, 0.2]] * 2), torch.tensor([0, 1]))
+    assert all(len(set(row)) == 3 for row in c.tolist()) and torch.equal(c // 4, twice)
+
+
+def test_equal_shares_keep_the_captured_skew_and_uneven_shares_add_to_it():
+    from moe_understudy.sim.traces import Expansion, SiblingSplit, mean_stats
+
+    t = synthetic_trace(1, 8000, 8, 2, zipf=1.0, seed=1)
+    base = mean_stats(t.indices, 8, 100)
+    rows = torch.arange(8000)
+    even = SiblingSplit(Expansion(4), 1, 8).children(0, t.indices[0], t.weights[0], rows)[None]
+    uneven = SiblingSplit(Expansion(4, alpha=0.5), 1, 8).children(0, t.indices[0], t.weights[0], rows)[None]
+    assert abs(mean_stats(even, 32, 100)["load_cv"] - base["load_cv"]) < 0.15
+    assert mean_stats(uneven, 32, 100)["load_cv"] > base["load_cv"] + 0.3
+
+
+def test_expansion_fit_reproduces_the_captured_statistics_better_than_random_siblings():
+    from moe_understudy.sim.traces import fit_expansion
+
+    t = synthetic_trace(2, 4096, 16, 4, zipf=1.2, seed=5)
+    fit = fit_expansion(t, 2, 64, alphas=(0.5, 2.0, float("inf")), contexts=(0.0, 0.5))
+    assert len(fit.grid) == 6 and fit.loss <= fit.random_loss
+    assert set(fit.real) == {"max_over_mean", "load_cv", "coactivation_sd", "block_dispersion"}
+    assert fit.to_dict()["expansion"]["factor"] == 2
+
+
+def test_biased_routing_heats_the_expert_and_keeps_the_family_normalisation():
+    from moe_understudy.sim.traces import biased_routing, renormalises
+
+    t = synthetic_trace(1, 3000, 8, 2, zipf=0.5, seed=2)
+    assert renormalises(t)
+    bias = torch.zeros(8)
+    bias[3] = 3.0
+    w, i = biased_routing(t.logits[0], bias, 2, renormalise=True)
+    assert (i == 3).any(-1).float().mean() > 2 * (t.indices[0] == 3).any(-1).float().mean()
+    assert torch.allclose(w.sum(-1), torch.ones(3000))
+    w0, i0 = biased_routing(t.logits[0], torch.zeros(8), 2, renormalise=True)
+    assert torch.equal(i0.sort(-1).values, t.indices[0].sort(-1).values)

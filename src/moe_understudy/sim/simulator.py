@@ -14,8 +14,11 @@ For a cluster of R ranks:
      memory); `speculative` runs `full` with pre-dispatch predicted from affinities fitted on the
      calibration part: only mispredicted rows stay on the critical path (pre-dispatched rows are
      assumed hidden behind the previous layer, an optimistic bound for the baseline).
-Step time is the sum over layers of (dispatch + slowest rank's compute + combine); attention and
-other replicated work are the same for every policy and left out.
+Step time is the sum over layers of (routing exchange + dispatch + slowest rank's compute +
+combine), charged by the runtime ledger and timed by `sim.cost` (as the shifting-load replay in
+`sim.replay` is); attention and other replicated work are the same for every policy and left out.
+Capacity here is per expert over a batch sampled at random from the trace (stationary load); the
+step-by-step replay with capacity per rank, stale EPLB and drift is `sim.replay` / `sim.study`.
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from moe_understudy.config import ClusterCost
+from moe_understudy.runtime import exchange as xchg
+from moe_understudy.runtime.ledger import Topology
 from moe_understudy.runtime.placement import dispatch_traffic, plan_placement, replicate_hot_experts
 from moe_understudy.runtime.policies import expert_capacity, plan_routing
-from moe_understudy.runtime.replication import replicated_dispatch
 from moe_understudy.runtime.speculative import estimate_affinity, predict_experts, speculate
 from moe_understudy.sim.cost import (
-    all_to_all_seconds,
-    compute_seconds,
-    expert_flops,
+    TokenStandInCost,
+    exchange_layout_bytes,
+    flat_all_to_all_seconds,
+    layer_cost,
     row_bytes,
     understudy_flops,
     understudy_slots,
@@ -59,14 +64,15 @@ class SimResult:
     ranks: int
     experts: int  # experts per layer after expansion
     tokens: int  # global tokens per step
-    step_ms: float  # sum over layers of dispatch + compute + combine
+    step_ms: float  # sum over layers of exchange + dispatch + compute + combine
+    exchange_ms: float  # routing exchange (all-gather of what the plan needs)
     dispatch_ms: float
     compute_ms: float
     combine_ms: float
-    wire_bytes: float  # bytes crossing between ranks per step (dispatch + combine, + pre-dispatch)
+    wire_bytes: float  # bytes crossing between ranks per step (exchange + dispatch + combine, + pre-dispatch)
     critical_bytes: float  # bytes moved on the critical path per step
     expert_imbalance: float  # max / mean over ranks of expert assignments computed
-    work_imbalance: float  # max / mean over ranks of FLOPs (experts + understudy)
+    work_imbalance: float  # (max - mean) / mean over ranks of all FLOPs (experts + understudy), the ledger's
     degraded_fraction: float  # token-layer pairs not fully served by their experts
     speculation_accuracy: float | None  # speculative: fraction of off-rank rows already in place
     extra_slots: int  # expert slots per rank beyond ceil(E'/R) (replication's memory)
@@ -79,6 +85,7 @@ class SimResult:
 class _Acc:
     """Running sums over layers and steps for one policy."""
 
+    exchange: float = 0.0
     dispatch: float = 0.0
     compute: float = 0.0
     combine: float = 0.0
@@ -126,7 +133,15 @@ def simulate_cluster(
         else None
     )
     affinity = estimate_affinity(calib.indices, E, calib.token_ids) if "speculative" in policies else None
-    src = torch.arange(T) * R // T  # (T,) home rank, rank-major
+    src = torch.arange(T) * R // T  # (T,) home rank, rank-major (as ledger.Topology.token_device)
+    understudy = TokenStandInCost(understudy_slots(cost, k), understudy_flops(cost, k))
+    topologies = {
+        policy: [
+            Topology.of_placement(replicated if policy == "replication" else base, layer)
+            for layer in range(L)
+        ]
+        for policy in policies
+    }
     acc = {p: _Acc() for p in policies}
     for step in range(steps):
         batch = expand_trace(replay, f, T, seed=seed + 1 + step, sibling=sibling)
@@ -141,13 +156,9 @@ def simulate_cluster(
                 plan = plan_routing(
                     routing, PLAN_OF[policy], expert_capacity(T, k, E, capacity_factor), priority
                 )
-                if policy == "replication":
-                    dest = replicated_dispatch(
-                        plan.indices, replicated, layer, src, 1, plan.sent()
-                    ).dest_rank.clamp(min=0)
-                else:
-                    dest = expert_rank[layer][plan.indices]
-                _layer_cost(a, routing, plan, dest, src, R, cost, k)
+                _layer_cost(
+                    a, routing, plan, topologies[policy][layer], cost, priority, understudy, PLAN_OF[policy]
+                )
                 sent_all.append(plan.sent())
             if policy == "speculative":
                 _speculation_cost(a, batch, predicted, expert_rank, src, R, cost, torch.stack(sent_all))
@@ -155,22 +166,29 @@ def simulate_cluster(
 
 
 def _layer_cost(
-    a: _Acc, routing, plan, dest: torch.Tensor, src: torch.Tensor, R: int, cost: ClusterCost, k: int
+    a: _Acc, routing, plan, topology: Topology, cost: ClusterCost, priority: str, understudy, policy: str
 ) -> None:
-    """Add one layer's dispatch / compute / combine to `a`. dest: (T, k) rank of each assignment."""
-    rb = row_bytes(cost)
-    go = dispatch_traffic(src, dest, plan.sent(), R, rb)
-    back = dispatch_traffic(src, dest, plan.expert_served, R, rb)  # combine returns served rows
-    understudy_per_rank = torch.bincount(src[plan.understudy_tokens], minlength=R).double()
-    served = torch.bincount(dest[plan.expert_served], minlength=R).double()
-    work = served * expert_flops(cost) + understudy_per_rank * understudy_flops(cost, k)
-    a.dispatch += all_to_all_seconds(go.send_bytes, go.recv_bytes, cost)
-    a.combine += all_to_all_seconds(back.recv_bytes, back.send_bytes, cost)
-    a.compute += compute_seconds(work, cost)
-    a.wire += float(go.send_bytes.sum() + back.send_bytes.sum())
-    a.critical += float(go.send_bytes.sum() + back.send_bytes.sum())
-    a.expert_imb += _imbalance(served)
-    a.work_imb += _imbalance(work)
+    """Add one layer's exchange / dispatch / compute / combine, charged by the runtime ledger, to `a`."""
+    mode = xchg.exchange_mode(policy, priority)
+    E = routing.num_experts
+    c = layer_cost(
+        plan,
+        topology,
+        cost,
+        stand_in=understudy,
+        exchange_mode=mode,
+        exchange_row_bytes=0 if mode == xchg.COUNTS else exchange_layout_bytes(policy, E, plan.top_k, cost),
+        num_experts=E,
+    )
+    rows = torch.bincount(topology.destinations(plan)[plan.sent()], minlength=topology.num_devices).double()
+    a.exchange += c.exchange_s
+    a.dispatch += c.dispatch_s
+    a.combine += c.combine_s
+    a.compute += c.compute_s
+    a.wire += float(c.total_bytes)
+    a.critical += float(c.total_bytes)
+    a.expert_imb += _imbalance(rows)
+    a.work_imb += c.imbalance
     # degraded: any assignment not computed by the expert the router chose (rerouted ones included)
     rerouted = (plan.indices != routing.indices).any(-1)
     degraded = plan.understudy_tokens | (~plan.expert_served).any(-1) | rerouted
@@ -179,15 +197,20 @@ def _layer_cost(
 
 
 def _speculation_cost(a, batch, predicted, expert_rank, src, R, cost, sent) -> None:
-    """Swap the dispatch just counted for `full` by speculative dispatch: early rows off the critical path."""
+    """Swap the dispatch just counted for `full` by speculative dispatch: early rows off the critical path.
+
+    The swap is the difference of two flat all-to-all estimates (per-rank totals, no per-peer split),
+    applied to the dispatch `layer_cost` charged."""
     rb = row_bytes(cost)
     rep = speculate(batch.indices, predicted, expert_rank, src, R, sent)
     full_dispatch = 0.0
     for layer in range(batch.num_layers):
         real = expert_rank[layer][batch.indices[layer]]
         go = dispatch_traffic(src, real, sent[layer], R, rb)
-        full_dispatch += all_to_all_seconds(go.send_bytes, go.recv_bytes, cost)
-        a.dispatch += all_to_all_seconds(rep.corrected_send[layer] * rb, rep.corrected_recv[layer] * rb, cost)
+        full_dispatch += flat_all_to_all_seconds(go.send_bytes, go.recv_bytes, cost)
+        a.dispatch += flat_all_to_all_seconds(
+            rep.corrected_send[layer] * rb, rep.corrected_recv[layer] * rb, cost
+        )
     a.dispatch -= full_dispatch
     a.wire += float(rep.predispatched_rows.sum() + rep.corrected_rows.sum() - rep.baseline_rows.sum()) * rb
     a.critical -= float(rep.avoided_rows.sum()) * rb
@@ -207,7 +230,8 @@ def _result(policy: str, a: _Acc, R: int, E: int, T: int, steps: int, extra: int
         ranks=R,
         experts=E,
         tokens=T,
-        step_ms=(a.dispatch + a.compute + a.combine) * ms,
+        step_ms=(a.exchange + a.dispatch + a.compute + a.combine) * ms,
+        exchange_ms=a.exchange * ms,
         dispatch_ms=a.dispatch * ms,
         compute_ms=a.compute * ms,
         combine_ms=a.combine * ms,

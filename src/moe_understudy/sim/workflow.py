@@ -164,7 +164,7 @@ def results_table(rows: list[dict]) -> Table:
         "comm ms",
         "compute ms",
         "wire GB",
-        "max/mean",
+        "work imbalance",
         "degraded",
         "quality",
     ):
