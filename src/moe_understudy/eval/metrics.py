@@ -29,6 +29,13 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 16) -> float:
     """exp(mean next-token cross-entropy) of `model` over token blocks (N, S), in batches."""
+    if blocks.dim() != 2 or blocks.shape[0] == 0 or blocks.shape[1] < 2:
+        from moe_understudy.errors import UserError
+
+        raise UserError(
+            f"No text to score: perplexity needs (N >= 1, S >= 2) token blocks, got {tuple(blocks.shape)}; "
+            f"pass more text (--data) or a smaller block size."
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
