@@ -405,6 +405,10 @@ class DistillConfig(StageConfig):
     # the captured routed output; combined: every arch fits the captured routed output
     objective: str = "auto"
     extra_experts: int = 2  # assignment objective: experts beyond the top-k drawn per token from its router
+    # assignment objective: weight routed pairs by how often they overflow under score priority at these
+    # capacity factors (over batches of `focus_batch_rows` captured rows); () weighs them by combine weight only
+    focus_cfs: tuple[float, ...] = ()
+    focus_batch_rows: int = 1024  # the serving batch the focus plans over (8 blocks x 128 tokens)
     loss: str = "mse"  # layer-wise loss: mse | cosine | relative
     steps: int = 1500  # layer-wise optimiser steps per layer (upper bound; early stop may end sooner)
     batch_tokens: int = 1024  # captured rows per step

@@ -93,3 +93,15 @@ def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(tiny_la
     rows = routed_rows(tiny_layer, n=8)
     generic = AssignmentStandIn.pair_outputs(trunk, rows["x"], rows["indices"])  # one forward per pair
     torch.testing.assert_close(trunk.pair_outputs(rows["x"], rows["indices"]), generic, rtol=1e-5, atol=1e-6)
+
+
+def test_the_serving_focus_weighs_routed_pairs_by_how_often_they_overflow(tiny_layer, routed_rows):
+    rows = routed_rows(tiny_layer, n=256)
+    focused = AssignmentObjective(tiny_layer, extra=0, serving=(0.5, 1.0), batch_rows=64)
+    freq = focused.overflow_frequency(rows)
+    assert freq.shape == rows["indices"].shape and 0 < float(freq.mean()) < 1
+    # the lowest-weight choice overflows first under score priority
+    assert float(freq[:, 1].mean()) > float(freq[:, 0].mean())
+    idx, w = focused._pairs(rows, torch.Generator().manual_seed(0))
+    plain = rows["weights"].float()
+    torch.testing.assert_close(w, plain * (0.1 + 0.9 * freq))

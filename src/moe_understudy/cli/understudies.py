@@ -151,6 +151,13 @@ def distill(
             help="Assignment objective: experts beyond the top-k drawn per token from its router (default 2)."
         ),
     ] = None,
+    focus_cfs: Annotated[
+        str | None,
+        typer.Option(
+            help="Assignment objective: weight routed pairs by how often they overflow under score priority at "
+            "these capacity factors, e.g. 1,1.25,1.5,2 (default: by combine weight only)."
+        ),
+    ] = None,
     kind: Annotated[str | None, typer.Option(help="shadows: swiglu or lowrank (default swiglu).")] = None,
     steps: Annotated[
         int | None,

@@ -8,6 +8,22 @@ import torch
 
 
 @dataclass(frozen=True)
+class RoutedAssignments:
+    """A routing as the planner reads it, without router logits: the top-k of T tokens over E experts.
+
+    What expert parallelism's row exchange rebuilds, and what captured rows give.
+    """
+
+    indices: torch.Tensor  # (T, k)
+    weights: torch.Tensor  # (T, k)
+    num_experts: int
+
+    @property
+    def top_k(self) -> int:
+        return self.indices.shape[1]
+
+
+@dataclass(frozen=True)
 class Plan:
     """What the runtime does with each of T tokens' k assignments.
 

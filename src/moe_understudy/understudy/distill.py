@@ -68,7 +68,9 @@ def arch_kwargs(cfg: DistillConfig, store: CaptureStore, layer: MoELayer) -> dic
 def layer_objective(cfg: DistillConfig, layer: MoELayer):
     """What a layer's stand-in is fitted to: per-assignment expert targets (assignment level), else y."""
     if cfg.arch in ASSIGNMENT_ARCHS and cfg.objective == "auto":
-        return AssignmentObjective(layer, extra=cfg.extra_experts)
+        return AssignmentObjective(
+            layer, extra=cfg.extra_experts, serving=cfg.focus_cfs, batch_rows=cfg.focus_batch_rows
+        )
     return CombinedObjective(cfg.loss)
 
 

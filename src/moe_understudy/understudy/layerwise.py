@@ -93,19 +93,51 @@ class CombinedObjective:
 class AssignmentObjective:
     """Per (token, expert) targets from the layer's own experts: relative weighted MSE of S(x, e) vs E_e(x).
 
-    Pairs per token: its k routed experts, weighted by their combine weights, and `extra` experts drawn
-    once (seeded) without replacement from its router probabilities outside the top-k, weighted by
-    their probability in the family's normalisation times `extra_weight`. The experts' outputs for
+    Pairs per token: its k routed experts, weighted by their combine weights (times, with `serving`
+    capacity factors, `floor` + (1 - floor) x how often the assignment overflows under score priority
+    at those factors, so the fit goes where serving hands the stand-in work), and `extra` experts
+    drawn once (seeded) without replacement from its router probabilities outside the top-k,
+    weighted by their probability in the family's normalisation times `extra_weight`. The experts' outputs for
     every pair are computed once (`prepare`), so a step costs only the stand-in. Held-out rows get
     the routed pairs only.
     """
 
-    def __init__(self, layer: MoELayer, extra: int = 2, extra_weight: float = 0.5) -> None:
+    def __init__(
+        self,
+        layer: MoELayer,
+        extra: int = 2,
+        extra_weight: float = 0.5,
+        serving: tuple[float, ...] = (),
+        batch_rows: int = 1024,
+        floor: float = 0.1,
+    ) -> None:
         self.layer, self.extra, self.extra_weight = layer, extra, extra_weight
+        self.serving, self.batch_rows, self.floor = serving, batch_rows, floor
+
+    def overflow_frequency(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, k) how often each routed assignment overflows at serving: score-priority capacity over
+        consecutive batches of `batch_rows` captured rows (the capture's forward batches), averaged
+        over the capacity factors `serving`."""
+        from moe_understudy.runtime.admission import expert_capacity
+        from moe_understudy.runtime.plan import RoutedAssignments
+        from moe_understudy.runtime.policies import plan_routing
+
+        idx, w = rows["indices"].long(), rows["weights"].float()
+        E, k = self.layer.num_experts, idx.shape[1]
+        freq = torch.zeros(idx.shape)
+        for s in range(0, idx.shape[0], self.batch_rows):
+            view = RoutedAssignments(idx[s : s + self.batch_rows], w[s : s + self.batch_rows], E)
+            T = view.indices.shape[0]
+            for cf in self.serving:
+                plan = plan_routing(view, "drop", expert_capacity(T, k, E, cf), "score")
+                freq[s : s + T] += plan.dropped.float() / len(self.serving)
+        return freq
 
     def _pairs(self, rows, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices (N, n), weights (N, n)) of the pairs to fit."""
         idx, w = rows["indices"], rows["weights"].float()
+        if self.serving and generator is not None:  # focus the fit where serving hands the stand-in work
+            w = w * (self.floor + (1.0 - self.floor) * self.overflow_frequency(rows))
         extra = min(self.extra, self.layer.num_experts - idx.shape[1])
         if generator is None or extra <= 0:
             return idx, w

@@ -38,6 +38,7 @@ from moe_understudy.runtime.core import Step, stand_in_output
 from moe_understudy.runtime.ep.group import all_gather_equal, collective
 from moe_understudy.runtime.layer import LoadAwareMoE, check_stand_in
 from moe_understudy.runtime.placement import Placement, plan_placement
+from moe_understudy.runtime.plan import RoutedAssignments
 from moe_understudy.runtime.policies import EXPANDED, layer_switches, ranked_alternatives
 from moe_understudy.runtime.replication import replica_of_position
 
@@ -53,19 +54,6 @@ class EPRecorder:
 
     def add(self, **rec) -> None:
         self.records.append({"rank": self.rank, "step": self.step, **rec})
-
-
-@dataclass(frozen=True)
-class RoutedAssignments:
-    """The global routing the ``rows`` exchange rebuilds: what the planner reads, nothing more."""
-
-    indices: torch.Tensor  # (T, k)
-    weights: torch.Tensor  # (T, k)
-    num_experts: int
-
-    @property
-    def top_k(self) -> int:
-        return self.indices.shape[1]
 
 
 @dataclass(frozen=True)
