@@ -83,6 +83,11 @@ def select_all(r: Routing) -> Selection:
     return Selection(indices, r.scale * r.probs(), explored)
 
 
+def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where random draws happen: on the generator's device (a CPU generator serves a CUDA model), else `device`."""
+    return generator.device if generator is not None else device
+
+
 def select_ka(r: Routing, num_active: int, lam: float, generator: torch.Generator | None = None) -> Selection:
     """KA: `num_active` experts per token, sampled from p with probability `lam`, else the top ones.
 
@@ -95,8 +100,10 @@ def select_ka(r: Routing, num_active: int, lam: float, generator: torch.Generato
         raise ValueError(f"KA needs 0 < num_active <= {n_exp} experts, got {num_active}.")
     top = r.logits.float().topk(num_active, dim=-1).indices  # (T, n)
     with torch.no_grad():
-        explored = torch.rand(t, generator=generator, device=probs.device) < lam  # (T,)
-        sampled = torch.multinomial(probs, num_active, replacement=False, generator=generator)
+        at = _draw_device(generator, probs.device)
+        explored = (torch.rand(t, generator=generator, device=at) < lam).to(probs.device)  # (T,)
+        sampled = torch.multinomial(probs.to(at), num_active, replacement=False, generator=generator)
+        sampled = sampled.to(probs.device)
     indices = torch.where(explored[:, None], sampled, top)
     return Selection(indices, _renormalised(probs, indices, r.scale), explored)
 
@@ -110,7 +117,9 @@ def select_explore(r: Routing, eps: float, generator: torch.Generator | None = N
     k = r.top_k
     with torch.no_grad():
         perturbed = (1.0 - eps) * probs + eps / probs.shape[-1]
-        indices = torch.multinomial(perturbed, k, replacement=False, generator=generator)  # (T, k)
+        at = _draw_device(generator, probs.device)
+        indices = torch.multinomial(perturbed.to(at), k, replacement=False, generator=generator)  # (T, k)
+        indices = indices.to(probs.device)
     explored = torch.ones(indices.shape[0], dtype=torch.bool, device=indices.device)
     return Selection(indices, _renormalised(probs, indices, r.scale), explored)
 

@@ -156,11 +156,13 @@ class AssignmentObjective:
         idx, w = self._pairs(rows, generator)
         N, n = idx.shape
         targets = torch.empty(N, n, rows["x"].shape[1])
+        p = self.layer.block.gate.weight  # the experts run where the model is, in its dtype
         for s in range(0, N, chunk):
-            x = rows["x"][s : s + chunk].float()
-            flat = idx[s : s + chunk].reshape(-1, 1)
-            out = self.layer.experts(x.repeat_interleave(n, 0), flat, torch.ones(flat.shape[0], 1))
-            targets[s : s + chunk] = out.view(x.shape[0], n, -1).float()
+            x = rows["x"][s : s + chunk].to(p.device, p.dtype)
+            flat = idx[s : s + chunk].reshape(-1, 1).to(p.device)
+            ones = torch.ones(flat.shape[0], 1, device=p.device)
+            out = self.layer.experts(x.repeat_interleave(n, 0), flat, ones)
+            targets[s : s + chunk] = out.view(x.shape[0], n, -1).float().cpu()
         return {**rows, "pair_indices": idx, "pair_weights": w, "pair_targets": targets}
 
     @staticmethod
