@@ -16,7 +16,7 @@ from moe_understudy.eval.serve import (
     Batching,
     Forced,
     Greedy,
-    _Phases,
+    Phases,
     compare_free,
     decode_rows,
     noise_floor_rows,
@@ -151,7 +151,7 @@ def test_capacity_of_a_decode_step_is_over_that_steps_tokens(prompts):
     handle = patch(model, None, policy="full", priority="score")
     try:
         settings = {"prefill": dict(policy="full"), DECODE: dict(policy="drop", capacity_factor=1.0)}
-        phases = _Phases(handle, settings, LoadRecorder(), DECODE)
+        phases = Phases(handle, settings, LoadRecorder(), DECODE)
         run = serve(model, prompts, b, Forced(ref), on_forward=phases)
     finally:
         handle.unpatch()
