@@ -92,6 +92,18 @@ def _in_own_dtype(stand_in: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
     return stand_in(inp, *args).to(x.dtype)
 
 
+def _on_host(value):
+    """A frozen dataclass of tensors (Plan, Routing) with every tensor on the CPU (itself when already there)."""
+    import dataclasses
+
+    moved = {
+        f.name: getattr(value, f.name).cpu()
+        for f in dataclasses.fields(value)
+        if isinstance(getattr(value, f.name), torch.Tensor) and getattr(value, f.name).device.type != "cpu"
+    }
+    return dataclasses.replace(value, **moved) if moved else value
+
+
 @dataclass(frozen=True)
 class Step:
     """What one execution of a block saw and did, for recorders (see runtime/ledger.py)."""
@@ -108,7 +120,8 @@ class Step:
 
     def ledger(self) -> ledger.StepLedger:
         """Loads, fates, bytes, work and memory of this step over `topology` (one device when None)."""
-        moe, plan, routing = self.moe, self.plan, self.routing
+        # bookkeeping runs on the host: a plan made on a GPU is copied over once here
+        moe, plan, routing = self.moe, _on_host(self.plan), _on_host(self.routing)
         E, T = moe.num_experts, plan.num_tokens
         topo = self.topology or ledger.Topology(1, torch.zeros(E, dtype=torch.long))
         R = topo.num_devices
