@@ -1,12 +1,7 @@
 """Data layer: corpora, instruction formats, tokenizer and packing (see each module's docstring)."""
 
-from moe_understudy.data.corpus import (
-    Corpus,
-    domain_shift_texts,
-    load_corpus,
-    stable_fraction,
-    stdlib_documents,
-)
+from moe_understudy.data.corpus import Corpus, load_corpus, stable_fraction, stdlib_documents
+from moe_understudy.data.domain_shift import domain_shift_texts
 from moe_understudy.data.instructions import (
     FORMATS,
     Example,

@@ -21,11 +21,9 @@ import gzip
 import hashlib
 import json
 import os
-import re
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
 
 from moe_understudy.config import DataConfig
@@ -167,60 +165,6 @@ def _pydoc_topics() -> dict[str, str]:
     except ImportError:  # some distributions strip pydoc_data
         return {}
     return dict(topics)
-
-
-# ---- domain shift ----------------------------------------------------------------------------
-
-
-def domain_shift_texts(max_chars: int = 400_000) -> list[str]:
-    """English prose that the default (stdlib) corpus never trains on, for the domain-shift scenario.
-
-    The choice, in this order, all read from the running interpreter's installation (deterministic,
-    offline): IDLE's prose files (`idlelib/*.txt`: news, history, readme, credits; idlelib is
-    excluded from training), the Python licence (`LICENSE.txt`), IDLE's help page with the HTML
-    tags stripped (`idlelib/help.html`), and the e-mail messages used as test data
-    (`test/test_email/data/msg_*.txt`; test folders are excluded from training). Training text is
-    mostly code, so this shifts both vocabulary and the routing it induces. Missing pieces (a
-    distribution without tests or IDLE) are skipped; an empty result is an error.
-    """
-    root = stdlib_root()
-    paths = sorted((root / "idlelib").glob("*.txt")) + [root / "LICENSE.txt"]
-    texts = [_read_text(p) for p in paths if p.is_file()]
-    help_page = root / "idlelib" / "help.html"
-    if help_page.is_file():
-        texts.append(_html_text(_read_text(help_page)))
-    texts += [_read_text(p) for p in sorted((root / "test" / "test_email" / "data").glob("msg_*.txt"))]
-    texts = list(_take_chars((t for t in texts if t.strip()), max_chars))
-    if not texts:
-        raise UserError(
-            f"No domain-shift text found under {root}; pass a text file as the domain-shift source instead."
-        )
-    return texts
-
-
-class _TextOnly(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-        self._skip = 0
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag in ("script", "style"):  # code, not prose
-            self._skip += 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style") and self._skip:
-            self._skip -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip:
-            self.parts.append(data)
-
-
-def _html_text(html: str) -> str:
-    parser = _TextOnly()
-    parser.feed(html)
-    return re.sub(r"\n\s*\n+", "\n\n", "".join(parser.parts)).strip()
 
 
 # ---- files, folders, jsonl, datasets ---------------------------------------------------------
@@ -420,7 +364,7 @@ def _truncate(text: str, limit: int) -> str:
     return text[: newline + 1] if newline > 0 else text[:limit]
 
 
-def _take_chars(texts: Iterable[str], max_chars: int, min_piece: int = 1_000) -> Iterator[str]:
+def take_chars(texts: Iterable[str], max_chars: int, min_piece: int = 1_000) -> Iterator[str]:
     """`texts` in order until `max_chars`; the last one is cut to fit unless that leaves a stub."""
     left = max_chars
     for text in texts:
@@ -456,12 +400,12 @@ def _is_text_file(path: Path) -> bool:
     return True
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
 def _file_reader(path: Path) -> Callable[[], str]:
-    return lambda: _read_text(path)
+    return lambda: read_text(path)
 
 
 def _constant(text: str) -> Callable[[], str]:
