@@ -268,12 +268,16 @@ def _coerce_option(name: str, hint, value):
     return value
 
 
-def model_data(model: str | None):
-    """The DataConfig a model was trained with (teacher.yaml next to it), else the default corpus."""
-    from moe_understudy.capture import default_data_config
+def model_data(model: str | None, notice: bool = False):
+    """The DataConfig a command starts from: the model's own (teacher.yaml next to it), else the default
+    corpus; with `notice` (no --data given) that fallback is printed, since results on text unlike the
+    model's own mean little."""
     from moe_understudy.config import DataConfig
+    from moe_understudy.data.heldout import data_for, own_data_config
 
-    return default_data_config(model) if model else DataConfig()
+    if model is None or not notice:
+        return (own_data_config(model) if model else None) or DataConfig()
+    return data_for(model, None, notice=lambda message: console.print(f"[yellow]note:[/] {message}"))
 
 
 def write_replay(cfg, path: str | Path) -> Path:

@@ -125,7 +125,9 @@ def inspect(
     from moe_understudy.config import InspectConfig
     from moe_understudy.inspect_routing import inspect_model
 
-    cfg = configure(InspectConfig, ctx.params, start=InspectConfig(data=model_data(model)))
+    cfg = configure(
+        InspectConfig, ctx.params, start=InspectConfig(data=model_data(model, notice=data is None))
+    )
     inspect_model(cfg, console)
     beside = cfg.json_out or cfg.heatmap
     if beside:

@@ -70,7 +70,7 @@ def capture(
     cfg = configure(
         CaptureConfig,
         params,
-        start=CaptureConfig(data=model_data(model)),
+        start=CaptureConfig(data=model_data(model, notice=data is None)),
         renames={"dtype": "model_dtype", "store_dtype": "dtype"},
     )
     store = run_capture(cfg, console=console)  # writes OUT/capture.yaml
@@ -269,7 +269,7 @@ def distill(
     cfg = configure(
         DistillConfig,
         ctx.params,
-        start=DistillConfig(e2e=EndToEndConfig(data=model_data(model))),
+        start=DistillConfig(e2e=EndToEndConfig(data=model_data(model, notice=data is None))),
         renames={
             "e2e_cache": "e2e.cache_teacher",
             "data": "e2e.data.source",
@@ -305,7 +305,9 @@ def replace_eval(
     from moe_understudy.config import ReplaceEvalConfig
     from moe_understudy.understudy.distill import run_replace_eval
 
-    cfg = configure(ReplaceEvalConfig, ctx.params, start=ReplaceEvalConfig(data=model_data(model)))
+    cfg = configure(
+        ReplaceEvalConfig, ctx.params, start=ReplaceEvalConfig(data=model_data(model, notice=data is None))
+    )
     result = run_replace_eval(
         cfg.model, cfg.understudies, cfg.data, blocks=cfg.blocks, device=cfg.device, dtype=cfg.dtype
     )
