@@ -24,22 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_understudy import __all__  # noqa: F401 - the names `import moe_understudy as mu` gives
 from moe_understudy.capture import CaptureStore
 from moe_understudy.errors import UserError
-from moe_understudy.runtime.layer import PatchedModel, patch, unpatch
+from moe_understudy.runtime.layer import PatchedModel, patch, unpatch  # noqa: F401 - re-exported
 from moe_understudy.understudy.io import load_understudies, save_understudies
-
-__all__ = [
-    "PatchedModel",
-    "UserError",
-    "capture",
-    "distill",
-    "evaluate",
-    "load_understudies",
-    "patch",
-    "save_understudies",
-    "unpatch",
-]
 
 Text = torch.Tensor | dict[str, torch.Tensor] | list[str] | str
 
