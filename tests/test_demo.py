@@ -14,7 +14,8 @@ def test_quick_demo_runs_every_stage_and_reuses_them_on_rerun(tmp_path, monkeypa
     report = json.loads((out / "eval" / "report.json").read_text())
     rows = report["rows"]
     policies = {row["policy"] for row in rows}
-    assert {"full", "drop", "understudy"} <= policies
+    assert {"full", "drop", "expanded_drop", "shadow"} <= policies
+    assert all(row["priority"] == "score" for row in rows)
     assert (out / "eval" / "report.png").stat().st_size > 1000
     for stage in ["teacher/config.json", "store/manifest.json", "understudies/config.json"]:
         assert (out / stage).exists(), stage

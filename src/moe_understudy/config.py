@@ -822,13 +822,17 @@ class DemoConfig(StageConfig):
     out: str = "runs/demo"  # run folder: teacher/, store/, understudies/, eval/ (each stage reused when done)
     teacher: str | None = None  # an existing teacher folder to use instead of training runs/demo/teacher
     quick: bool = False  # seconds-long smoke run on the quick preset (tests)
-    arch: str = "dense"  # understudy architecture
-    intermediate: int | None = None  # understudy intermediate size (None: one expert's, cost 0.5 at top-2)
-    capture_tokens: int = 131_072  # captured training tokens for layer-wise distillation
-    distill_steps: int = 1500  # layer-wise steps per layer (early stop may end sooner)
-    e2e_steps: int = 300  # end-to-end KL steps after the layer-wise stage (0 = skip)
-    policies: tuple[str, ...] = ("full", "drop", "drop_renorm", "reroute", "understudy", "layer", "deadline")
-    capacities: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)  # capacity factors swept
+    arch: str = "trunk"  # stand-in architecture (trunk: the bounded-memory assignment-level stand-in)
+    intermediate: int | None = None  # token-level archs: intermediate size (None: one expert's)
+    width: int | None = None  # trunk / shadows width (None: the arch default)
+    capture_tokens: int = 65_536  # captured training tokens for layer-wise distillation
+    distill_steps: int = 600  # layer-wise steps per layer (early stop may end sooner)
+    e2e_steps: int = 0  # end-to-end KL steps after the layer-wise stage (0 = skip)
+    # the strongest baselines (Capacity-Aware token drop and expanded drop) beside the stand-in
+    policies: tuple[str, ...] = ("full", "drop", "expanded_drop", "shadow")
+    capacities: tuple[float, ...] = (1.0, 1.5, 2.0)  # capacity factors swept
+    priority: str = "score"  # score (the literature's token drop) | position
+    devices: int = 4  # devices tokens and experts live on: expanded_drop's locality and the byte ledger
     eval_blocks: int = 64  # held-out blocks of 128 tokens for the evaluation
 
     def __post_init__(self) -> None:

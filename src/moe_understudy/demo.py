@@ -1,7 +1,8 @@
 """`understudy demo`: the main job end to end on the embedded default, each stage reused once done.
 
-teacher (train, resume, or reuse) -> capture -> layer-wise + end-to-end distillation -> quality
-under load for every policy and capacity factor -> report (table, JSON, plot). A rerun after an
+teacher (train, resume, or reuse) -> capture -> layer-wise (+ optional end-to-end) distillation of
+the gated trunk -> quality under load beside score-priority token drop and expanded drop -> report
+(table, JSON, plot). A rerun after an
 interruption picks up where the last finished stage left off.
 """
 
@@ -90,7 +91,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         out=str(understudy_dir),
         arch=cfg.arch,
         intermediate=cfg.intermediate,
+        width=cfg.width,
         steps=min(cfg.distill_steps, 30) if cfg.quick else cfg.distill_steps,
+        batch_tokens=512,
         eval_every=10 if cfg.quick else 100,
         e2e=_quick_e2e(data, e2e_steps) if cfg.quick else EndToEndConfig(steps=e2e_steps, data=data),
     )
@@ -108,6 +111,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
             out=str(out / "eval"),
             policies=cfg.policies,
             capacities=cfg.capacities,
+            priority=cfg.priority,
+            num_devices=cfg.devices,
             data=data,
             max_blocks=8 if cfg.quick else cfg.eval_blocks,
             batch_sizes=(4,) if cfg.quick else (8,),

@@ -178,7 +178,7 @@ def demo(
     ] = None,
     arch: Annotated[
         str | None,
-        typer.Option(help="Understudy architecture: dense (default), lowrank, merged, small_moe or shadows."),
+        typer.Option(help="Stand-in architecture: trunk (default), shadows, dense, lowrank, merged or small_moe."),
     ] = None,
     intermediate: Annotated[
         int | None, typer.Option(help="Understudy intermediate size (default: one expert's).")
@@ -187,7 +187,7 @@ def demo(
         int | None, typer.Option(help="End-to-end KL steps after layer-wise distillation (0 skips).")
     ] = None,
     capacity: Annotated[
-        str | None, typer.Option(help="Comma-separated capacity factors (default 0.5,0.75,1,1.25).")
+        str | None, typer.Option(help="Comma-separated capacity factors (default 1,1.5,2).")
     ] = None,
     quick: Annotated[
         bool | None, typer.Option("--quick", help="Seconds-long smoke run on the quick preset.")
@@ -195,7 +195,8 @@ def demo(
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """The whole pipeline on the default corpus: teacher, capture, distil, evaluate, report (~15 min on 2 cores)."""
+    """The whole pipeline on the default corpus: teacher, capture, distil the trunk, evaluate it beside token drop
+    and expanded drop (score priority), report (~10 min on 2 quiet cores)."""
     from moe_understudy.config import DemoConfig
     from moe_understudy.demo import run_demo
 
