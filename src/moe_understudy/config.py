@@ -519,6 +519,21 @@ class RuntimeConfig(StageConfig):
         )
 
 
+def _check_sweep(cfg) -> None:
+    """Validate the policy x capacity sweep every evaluation config runs: policies, capacities, priority."""
+    from moe_understudy.runtime.policies import POLICIES, PRIORITIES
+
+    unknown = [p for p in cfg.policies if p not in POLICIES]
+    if unknown or not cfg.policies:
+        raise ValueError(
+            f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(cfg.policies)}."
+        )
+    if not cfg.capacities or any(c <= 0 for c in cfg.capacities):
+        raise ValueError(f"capacities must be positive numbers, got {list(cfg.capacities)}.")
+    if cfg.priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {cfg.priority!r}.")
+
+
 @dataclass(frozen=True)
 class EvalConfig(StageConfig):
     """Quality under load (`understudy evaluate`): every policy x capacity factor on one scenario."""
@@ -549,18 +564,8 @@ class EvalConfig(StageConfig):
     dtype: str = "float32"  # the model's dtype (stand-ins follow it): float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
-        from moe_understudy.runtime.policies import POLICIES, PRIORITIES
-
         _canonical_dtypes(self, "dtype")
-        unknown = [p for p in self.policies if p not in POLICIES]
-        if unknown or not self.policies:
-            raise ValueError(
-                f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(self.policies)}."
-            )
-        if not self.capacities or any(c <= 0 for c in self.capacities):
-            raise ValueError(f"capacities must be positive numbers, got {list(self.capacities)}.")
-        if self.priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
+        _check_sweep(self)
         if self.scenario not in ("natural", "domain_shift", "hot_expert"):
             raise ValueError(f"scenario must be natural, domain_shift or hot_expert; got {self.scenario!r}.")
         if self.max_blocks <= 0 or not self.batch_sizes or any(b <= 0 for b in self.batch_sizes):
@@ -604,18 +609,8 @@ class EPConfig(StageConfig):
     dtype: str = "float32"  # the model's dtype on every rank (stand-ins follow it)
 
     def __post_init__(self) -> None:
-        from moe_understudy.runtime.policies import POLICIES, PRIORITIES
-
         _canonical_dtypes(self, "dtype")
-        unknown = [p for p in self.policies if p not in POLICIES]
-        if unknown or not self.policies:
-            raise ValueError(
-                f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(self.policies)}."
-            )
-        if self.priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
-        if not self.capacities or any(c <= 0 for c in self.capacities):
-            raise ValueError(f"capacities must be positive numbers, got {list(self.capacities)}.")
+        _check_sweep(self)
         if self.capacity_scope not in CAPACITY_SCOPES:
             raise ValueError(f"capacity_scope must be expert or rank; got {self.capacity_scope!r}.")
         if self.capacity_scope == "rank" and self.placement == "replicate" and self.extra_slots > 0:
@@ -876,17 +871,7 @@ class ServeConfig(StageConfig):
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        from moe_understudy.runtime.policies import POLICIES, PRIORITIES
-
-        unknown = [p for p in self.policies if p not in POLICIES]
-        if unknown or not self.policies:
-            raise ValueError(
-                f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(self.policies)}."
-            )
-        if not self.capacities or any(c <= 0 for c in self.capacities):
-            raise ValueError(f"capacities must be positive numbers, got {list(self.capacities)}.")
-        if self.priority not in PRIORITIES:
-            raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}; got {self.priority!r}.")
+        _check_sweep(self)
         if self.prompts < 1:
             raise ValueError(f"serve-eval needs at least one prompt; got prompts = {self.prompts}.")
         if self.prompt_tokens < 1 or self.new_tokens < 1:
