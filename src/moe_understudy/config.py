@@ -598,6 +598,9 @@ class EPConfig(StageConfig):
         "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file
     )
     extra_slots: int = 0  # replicate: expert slots per rank beyond ceil(E / ranks) (the memory budget)
+    # replicate: the text EPLB plans on: train (an earlier window: stale) | eval (the served blocks:
+    # fresh) | a corpus source (another domain: stale across a shift)
+    calibration: str = "train"
     # text to evaluate on and, for placement replicate, to measure load on: None means the model's
     # own (cached blocks, its teacher.yaml corpus, else the default corpus with a notice)
     data: DataConfig | None = None
@@ -613,11 +616,6 @@ class EPConfig(StageConfig):
         _check_sweep(self)
         if self.capacity_scope not in CAPACITY_SCOPES:
             raise ValueError(f"capacity_scope must be expert or rank; got {self.capacity_scope!r}.")
-        if self.capacity_scope == "rank" and self.placement == "replicate" and self.extra_slots > 0:
-            raise ValueError(
-                "capacity_scope rank needs one rank per expert; use placement replicate with extra_slots 0 "
-                "(experts packed onto ranks by load, no replicas)."
-            )
         if self.extra_slots < 0 or self.max_blocks <= 0 or self.blocks_per_rank <= 0 or self.timeout_s <= 0:
             raise ValueError("extra_slots must be >= 0; max_blocks, blocks_per_rank and timeout_s positive.")
         if self.backend not in ("auto", "gloo", "nccl"):

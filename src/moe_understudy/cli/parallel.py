@@ -140,7 +140,7 @@ def simulate(
         SimConfig,
         ctx.params,
         renames={"experts": "synthetic_experts", **{name: f"cost.{name}" for name in _COST}},
-        data_start=model_data(model),
+        data_start=lambda: model_data(model, notice=data is None),
     )
     run_simulation(cfg, console=console)  # writes OUT/sim.yaml
 
@@ -172,6 +172,13 @@ def ep_evaluate(
     extra_slots: Annotated[
         int | None,
         typer.Option(help="With --placement replicate: expert slots per rank beyond ceil(experts / ranks)."),
+    ] = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help="With --placement replicate: the text EPLB plans on: train (default; an earlier window, EPLB "
+            "stale), eval (the served blocks, EPLB fresh) or a corpus source (another domain)."
+        ),
     ] = None,
     data: DataOption = None,
     block_size: BlockSizeOption = None,
@@ -206,7 +213,12 @@ def ep_evaluate(
     params = dict(ctx.params)
     if params.get("backend") is None and device is not None:
         params["backend"] = backend_of(device)
-    cfg = configure(EPConfig, params, ignore=("nproc", "device"), data_start=model_data(model))
+    cfg = configure(
+        EPConfig,
+        params,
+        ignore=("nproc", "device"),
+        data_start=lambda: model_data(model, notice=data is None),
+    )
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}.")
     console.print(

@@ -68,6 +68,25 @@ def build_placement(
     return plan_placement(L, E, world, path=cfg.placement)
 
 
+def calibration_blocks(cfg: EPConfig, tokenizer, blocks: torch.Tensor) -> torch.Tensor:
+    """The text EPLB plans its replicas on (`cfg.calibration`).
+
+    train: the model folder's train blocks, else the train split of --data (an earlier window of the
+    same text: EPLB stale); eval: the evaluation blocks themselves (EPLB fresh, planned on the load
+    it serves); anything else: a corpus source (another domain: EPLB stale across a shift).
+    """
+    from moe_understudy.config import DataConfig
+    from moe_understudy.data.heldout import model_blocks
+
+    if cfg.calibration == "eval":
+        return blocks
+    if cfg.calibration == "train":
+        return model_blocks(cfg.model, cfg.data, tokenizer, 32, split="train", notice=_quiet)
+    block_size = int(blocks.shape[1])
+    data = DataConfig(source=cfg.calibration, block_size=block_size)
+    return model_blocks(cfg.model, data, tokenizer, 32, split="train", notice=_quiet)
+
+
 def _quiet(message: str) -> None:
     """Drop a notice another rank (or an earlier call) already printed."""
 
@@ -109,8 +128,8 @@ def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
                 f"lower --blocks-per-rank."
             )
         calibration = None
-        if cfg.placement == "replicate":  # the folder's train blocks, else the train split of --data
-            calibration = model_blocks(cfg.model, cfg.data, tokenizer, 32, split="train", notice=_quiet)
+        if cfg.placement == "replicate":
+            calibration = calibration_blocks(cfg, tokenizer, blocks)
         placement = build_placement(cfg, model, world, calibration)
         wrappers = patch_ep(model, placement, understudies, RuntimeConfig())
         summaries, all_records = [], {}
