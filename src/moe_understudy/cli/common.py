@@ -191,7 +191,7 @@ def configure(
     field of its name, or the dotted path `renames` gives it ("e2e_cache": "e2e.cache_teacher"), or
     `prefixes` make of it ({"e2e_": "e2e."}: --e2e-steps sets e2e.steps); when the
     config's `data` is a DataConfig, the data options (--data, --block-size, --max-chars,
-    --vocab-size, --tokenizer) set its fields, starting from `data_start` where it is None (the
+    --vocab-size, --tokenizer) set its fields, starting from `data_start()` where it is None (the
     model's own text). Comma-separated text fills a tuple field (a bad item is one sentence), paths
     become strings. `ignore` names options the command handles itself. Invalid values become
     one-sentence UserErrors.
@@ -220,7 +220,7 @@ def configure(
     try:
         base = cls.from_yaml(config_file) if config_file is not None else (start or cls())
         if data_start is not None and "data" in changes and getattr(base, "data", None) is None:
-            base = base.replace(data=data_start)
+            base = base.replace(data=data_start())
         return _apply(base, changes)
     except ValueError as err:
         raise UserError(f"{err} Fix the option (see --help) and rerun.") from err

@@ -122,7 +122,7 @@ def evaluate(
         ctx.params,
         renames={"blocks": "max_blocks", "batch_size": "batch_sizes", "devices": "num_devices"},
         ignore=("ep", "capacity_scope"),
-        data_start=model_data(model),
+        data_start=lambda: model_data(model, notice=data is None),
     )
     if capacity_scope != "expert" and ep == 0:
         raise UserError(f"--capacity-scope {capacity_scope} needs expert parallelism: add --ep N.")
@@ -178,7 +178,9 @@ def demo(
     ] = None,
     arch: Annotated[
         str | None,
-        typer.Option(help="Stand-in architecture: trunk (default), shadows, dense, lowrank, merged or small_moe."),
+        typer.Option(
+            help="Stand-in architecture: trunk (default), shadows, dense, lowrank, merged or small_moe."
+        ),
     ] = None,
     intermediate: Annotated[
         int | None, typer.Option(help="Understudy intermediate size (default: one expert's).")
