@@ -233,3 +233,32 @@ def test_save_at_outside_the_run_is_refused():
     assert TeacherConfig(steps=10, save_at=(8, 4, 8)).save_at == (4, 8)
     cfg = TeacherConfig(steps=10, save_at=(4, 8))
     assert TeacherConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+def test_in_loop_joint_training_serves_overflow_with_the_trunk_and_changes_the_model(tmp_path, corpus_dir):
+    from moe_understudy.understudy.io import load_understudies
+
+    base = quick_cfg(corpus_dir, steps=8)
+    train_teacher(base, tmp_path / "base")
+    cont = base.replace(
+        steps=6, warmup=1, eval_every=3, init_from=str(tmp_path / "base"), joint_understudy="trunk"
+    )
+    train_teacher(cont, tmp_path / "detached")
+    train_teacher(cont.replace(joint_in_loop_from=2, joint_cf_min=0.5, joint_cf_max=0.5), tmp_path / "loop")
+    detached = AutoModelForCausalLM.from_pretrained(tmp_path / "detached")
+    loop = AutoModelForCausalLM.from_pretrained(tmp_path / "loop")
+    started = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    # both continued from the saved teacher; only the in-loop run's language-model loss saw stand-ins
+    assert any(
+        not torch.equal(a, b) for a, b in zip(started.parameters(), detached.parameters(), strict=True)
+    )
+    assert any(not torch.equal(a, b) for a, b in zip(detached.parameters(), loop.parameters(), strict=True))
+    assert sorted(load_understudies(tmp_path / "loop" / "understudies", loop)) == [0, 1]
+    assert json.loads((tmp_path / "loop" / "metrics.json").read_text())["val_perplexity"] > 0
+
+
+def test_in_loop_joint_training_needs_a_stand_in_and_init_from_a_saved_model(tmp_path, corpus_dir):
+    with pytest.raises(ValueError, match="joint_understudy"):
+        quick_cfg(corpus_dir).replace(joint_in_loop_from=2)
+    with pytest.raises(UserError, match="init-from"):
+        train_teacher(quick_cfg(corpus_dir).replace(init_from=str(tmp_path / "nowhere")), tmp_path / "t")

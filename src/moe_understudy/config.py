@@ -119,12 +119,24 @@ class TeacherConfig(StageConfig):
     eval_batches: int = 20  # held-out batches per evaluation
     joint_understudy: str | None = None  # understudy arch trained jointly (detached aux loss), or None
     joint_weight: float = 1.0  # weight of the joint understudy loss
+    # from this step on, overflow is served in the loop: each step's forward runs `joint_policy` at a
+    # capacity factor drawn from [joint_cf_min, joint_cf_max] (score priority) with the joint stand-ins,
+    # so the language-model loss reaches them and the model learns to tolerate them; None: detached only
+    joint_in_loop_from: int | None = None
+    joint_policy: str = "shadow"
+    joint_cf_min: float = 1.0
+    joint_cf_max: float = 2.0
+    init_from: str | None = None  # start from this saved model's weights (a continued phase), not from scratch
     seed: int = 0
     save_at: tuple[int, ...] = ()  # steps after which a full save_pretrained snapshot goes to OUT/at-STEP/
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive.")
+        if self.joint_in_loop_from is not None and self.joint_understudy is None:
+            raise ValueError("joint_in_loop_from needs joint_understudy (the stand-in that serves the overflow).")
+        if not 0 < self.joint_cf_min <= self.joint_cf_max:
+            raise ValueError("need 0 < joint_cf_min <= joint_cf_max.")
         bad = [s for s in self.save_at if not 0 < int(s) <= self.steps]
         if bad:
             raise ValueError(f"save_at steps must be in 1..steps ({self.steps}), got {bad}.")

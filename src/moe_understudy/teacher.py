@@ -193,7 +193,10 @@ def train_teacher(
     config.bos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     model = build_model(config, seed=cfg.seed).train()
+    if cfg.init_from:
+        _load_initial_weights(model, cfg.init_from)
     joint = _joint_understudies(model, cfg)
+    serving = _InLoopOverflow(model, joint, cfg) if cfg.joint_in_loop_from is not None else None
     params = list(model.parameters()) + ([] if joint is None else list(joint.parameters()))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
@@ -203,6 +206,8 @@ def train_teacher(
         elapsed = float(state.get("elapsed", 0.0))
         if joint is not None and "joint" in state:
             joint.load_state_dict(state["joint"])
+        if serving is not None and "in_loop_rng" in state:
+            serving.gen.set_state(state["in_loop_rng"])
         console.print(f"resuming from step {start} ({out_dir / CHECKPOINT_DIR})")
         missed = [
             s for s in cfg.save_at if s <= start and not (snapshot_dir(out_dir, s) / "config.json").exists()
@@ -234,6 +239,7 @@ def train_teacher(
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
             ids = train_blocks[batch_indices(step, len(train_blocks), cfg.batch_size, cfg.seed)]
+            handle = serving.patch(step) if serving is not None else None
             out = model(input_ids=ids, labels=ids)
             loss = out.loss
             if joint is not None:
@@ -245,6 +251,8 @@ def train_teacher(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if handle is not None:
+                handle.unpatch()  # checkpoints, snapshots and held-out checks see the plain model
             # Clipped apart: the joint understudies' gradients must not rescale the teacher's.
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if joint is not None:
@@ -259,6 +267,8 @@ def train_teacher(
                 extra = {"elapsed": run_time, "val_ppl": val_ppl}
                 if joint is not None:
                     extra["joint"] = joint.state_dict()
+                if serving is not None:
+                    extra["in_loop_rng"] = serving.gen.get_state()
                 _save_checkpoint(model, optimizer, done, extra, out_dir)
                 progress.console.log(
                     f"step {done}/{cfg.steps}: loss {out.loss.item():.3f}, held-out perplexity {val_ppl:.2f}, checkpoint saved"
@@ -303,6 +313,42 @@ def train_teacher(
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return result
+
+
+def _load_initial_weights(model: nn.Module, folder: str) -> None:
+    """Start from a saved model of the same preset (a continued training phase)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except OSError as err:
+        raise UserError(f"--init-from {folder} is not a saved model folder; pass a teacher folder.") from err
+    missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise UserError(
+            f"--init-from {folder} holds another architecture than preset {model.config.model_type!r}; "
+            f"pass a model trained with the same --preset."
+        )
+
+
+class _InLoopOverflow:
+    """From `joint_in_loop_from` on, each step's forward serves its overflow with the joint stand-ins."""
+
+    def __init__(self, model: nn.Module, joint, cfg: TeacherConfig) -> None:
+        self.model, self.joint, self.cfg = model, joint, cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def patch(self, step: int):
+        """The patched model's handle for this step (unpatch it after the backward), or None before."""
+        from moe_understudy.runtime.layer import patch
+
+        c = self.cfg
+        cf = c.joint_cf_min + (c.joint_cf_max - c.joint_cf_min) * torch.rand((), generator=self.gen).item()
+        if step < c.joint_in_loop_from:
+            return None
+        return patch(
+            self.model, self.joint.understudies, policy=c.joint_policy, capacity_factor=cf, priority="score"
+        )
 
 
 def _joint_understudies(model: nn.Module, cfg: TeacherConfig):

@@ -68,8 +68,29 @@ def teacher(
     joint_understudy: Annotated[
         str | None,
         typer.Option(
-            help="Also train understudies of this arch (dense, lowrank, ...) jointly, on a detached loss."
+            help="Also train stand-ins of this arch (trunk, dense, shadows, ...) jointly, on a detached loss."
         ),
+    ] = None,
+    joint_in_loop_from: Annotated[
+        int | None,
+        typer.Option(
+            help="From this step on, each step's overflow is served by the joint stand-ins in the loop "
+            "(--joint-policy at a capacity factor drawn from [--joint-cf-min, --joint-cf-max], score priority), "
+            "so the model learns to tolerate them."
+        ),
+    ] = None,
+    joint_policy: Annotated[
+        str | None, typer.Option(help="In-loop overflow policy (default shadow).")
+    ] = None,
+    joint_cf_min: Annotated[
+        float | None, typer.Option(help="In-loop lowest capacity factor (default 1.0).")
+    ] = None,
+    joint_cf_max: Annotated[
+        float | None, typer.Option(help="In-loop highest capacity factor (default 2.0).")
+    ] = None,
+    init_from: Annotated[
+        str | None,
+        typer.Option(help="Start from this saved model's weights (a continued phase of the same preset)."),
     ] = None,
     save_at: Annotated[
         str | None,

@@ -30,6 +30,13 @@ from moe_understudy.understudy.losses import layer_loss
 from moe_understudy.understudy.modules import build_understudy
 
 
+def _sized(arch: str, layer, kw: dict) -> dict:
+    """build_understudy keywords for `layer`: a trunk without measured usage merges experts equally."""
+    if arch == "trunk" and kw.get("usage") is None:
+        return {**kw, "usage": torch.ones(layer.num_experts)}
+    return kw
+
+
 class JointUnderstudies(nn.Module):
     """One understudy per MoE layer of `model`, trained from detached (x, routed y) of its forwards."""
 
@@ -39,6 +46,8 @@ class JointUnderstudies(nn.Module):
         super().__init__()
         if arch == "merged":  # the merged warm start needs usage from a capture; from scratch it is `dense`
             arch = "dense"
+        if arch == "trunk":  # no capture to count usage from: merge the experts with equal weights
+            kw.setdefault("usage", None)
         layers = find_moe_layers(model)
         self._model = [
             model
@@ -46,7 +55,10 @@ class JointUnderstudies(nn.Module):
         self._layers = layers
         self.loss_name = loss
         self.modules_by_layer = nn.ModuleDict(
-            {str(ly.index): build_understudy(arch, ly, seed=seed + ly.index, **kw) for ly in layers}
+            {
+                str(ly.index): build_understudy(arch, ly, seed=seed + ly.index, **_sized(arch, ly, kw))
+                for ly in layers
+            }
         )
         self._records: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._handles: list = []
