@@ -55,6 +55,7 @@ def teacher(
     batch_size: Annotated[int | None, typer.Option(help="Blocks per step (default 16).")] = None,
     block_size: BlockSizeOption = None,
     lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 2e-3).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Linear warm-up steps (default 50).")] = None,
     vocab_size: Annotated[
         int | None, typer.Option(help="BPE vocabulary size when training a tokenizer (default 4096).")
     ] = None,
