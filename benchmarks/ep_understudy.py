@@ -1,25 +1,24 @@
-"""Expert parallelism over 4 ranks on the default teacher: understudies vs full, drop, replication, speculation.
+"""Expert parallelism over R gloo ranks: stand-ins against token drop, expanded drop and EPLB (fresh / stale).
 
-Every system runs in this one invocation on the same held-out blocks:
-  full         contiguous placement, every assignment to its expert (the reference)
-  drop         capacity over the global batch, overflow dropped
-  reroute      capacity over the global batch, overflow moved to the next-best expert with room
-  understudy   capacity over the global batch, overflowing tokens served locally by the understudy
-  ...-rankcap  the same policy with capacity per rank (ceil(cf * tokens * k / ranks) over all of a
-               rank's experts) instead of per expert, so cold experts absorb hot neighbours' load
-  balanced     `full` with experts packed onto ranks by measured load (EPLB packing, no replicas,
-               no extra memory); `...-rankcap-balanced` adds capacity per rank on that placement
-  replication  `full` on an EPLB-style placement that replicates hot experts (load measured on train
-               blocks) into the spare slots one understudy's memory buys (equal memory)
-  speculative  `full` with speculative pre-dispatch (affinities fitted on train blocks): counted
-               from the routing trace of the same blocks, since the outputs equal `full`'s
-All but `speculative` run for real through torchrun (gloo, one process per rank); bytes are the
-split sizes passed to all_to_all_single. Perplexity is over the same blocks for every system.
+Every system runs through `understudy ep` (torchrun, one process per rank) on the same held-out
+blocks, score priority (capacity over the GLOBAL batch of all ranks):
+  full              contiguous placement, every assignment to its expert (the reference)
+  drop              token drop (Capacity-Aware Inference), overflow dropped
+  expanded_drop     its expanded drop: the best expert on the token's own rank beyond its top-k
+  <stand-in>        each `understudy distill` set given (--standins): assignment-level sets serve
+                    overflowing assignments (policy shadow), token-level sets whole tokens (understudy)
+  ...-rankcap       the same with capacity per rank (ceil(cf * tokens * k / ranks) over a rank's experts)
+  eplb-fresh        hot-expert replication planned on the served blocks' own load (`--calibration eval`)
+  eplb-stale        the same planned on the model's train blocks (an earlier window of the text)
+  eplb-stale+<s>    stale EPLB with capacity per rank (each assignment owned by the replica it was routed
+                    to) and the stand-in serving the residual overflow
+  speculative       `full` with speculative pre-dispatch, counted from the routing trace
+Replication gets ceil(the stand-in's memory) extra slots per rank, so it never holds less memory
+than the stand-in it is compared with. Rows carry all-to-all bytes, routing-exchange bytes, total
+bytes, rank load and rank work (all FLOPs), memory per rank and the perplexity change.
 
 Usage:
-  python benchmarks/ep_understudy.py [--model runs/teacher] [--understudies DIR ...]
-Without --understudies, dense understudies are fitted here by layer-wise MSE (a quick stand-in
-for `understudy distill`) at the costs given by --costs.
+  python benchmarks/ep_understudy.py --model runs/teacher --standins runs/bench-quality/trunk-e2e
 """
 
 from __future__ import annotations
@@ -41,65 +40,14 @@ from _common import RESULTS, write_result  # noqa: E402
 from moe_understudy.config import EPConfig  # noqa: E402
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
 from moe_understudy.moe.loading import load_model_and_tokenizer  # noqa: E402
+from moe_understudy.moe.standins import ASSIGNMENT, level_of  # noqa: E402
 from moe_understudy.runtime.ep import launch_ep  # noqa: E402
 from moe_understudy.runtime.placement import plan_placement  # noqa: E402
 from moe_understudy.runtime.speculative import estimate_affinity, predict_experts, speculate  # noqa: E402
 from moe_understudy.sim.traces import capture_trace  # noqa: E402
-from moe_understudy.understudy.io import load_understudies, save_understudies  # noqa: E402
-from moe_understudy.understudy.modules import Shadows, build_understudy  # noqa: E402
+from moe_understudy.understudy.io import load_understudies  # noqa: E402
 
 console = Console()
-
-
-@torch.no_grad()
-def routed_pairs(model, blocks: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer index: (x (N, H), routed output y (N, H))} over `blocks`, via forward pre-hooks."""
-    layers = find_moe_layers(model)
-    xs = {m.index: [] for m in layers}
-    ys = {m.index: [] for m in layers}
-
-    def hook_for(m):
-        def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            r = m.route(x)
-            xs[m.index].append(x.clone())
-            ys[m.index].append(m.experts(x, r.indices, r.weights))
-
-        return hook
-
-    handles = [m.block.register_forward_pre_hook(hook_for(m)) for m in layers]
-    for s in range(0, len(blocks), 8):
-        model(input_ids=blocks[s : s + 8])
-    for h in handles:
-        h.remove()
-    return {i: (torch.cat(xs[i]), torch.cat(ys[i])) for i in xs}
-
-
-def fit_dense(model, blocks: torch.Tensor, cost: float, steps: int, out: Path) -> Path:
-    """Dense SwiGLU understudies of `cost` x the active routed FLOPs, fitted by MSE; saved to `out`."""
-    if (out / "config.json").exists():
-        return out
-    torch.manual_seed(0)
-    pairs = routed_pairs(model, blocks)
-    understudies = {}
-    for m in find_moe_layers(model):
-        inter = int(round(cost * m.top_k * m.expert_intermediate_size))
-        u = build_understudy("dense", m, seed=m.index, intermediate=inter)
-        x, y = pairs[m.index]
-        opt = torch.optim.AdamW(u.parameters(), lr=3e-3)
-        g = torch.Generator().manual_seed(m.index)
-        for step in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
-            idx = torch.randint(len(x), (1024,), generator=g)
-            loss = torch.nn.functional.mse_loss(u(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        console.print(f"  layer {m.index}: dense understudy I={inter}, final MSE {loss.item():.4g}")
-        understudies[m.index] = u.eval()
-    save_understudies(out, understudies, model)
-    return out
 
 
 def speculative_row(
@@ -148,51 +96,24 @@ def speculative_row(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="runs/teacher")
-    ap.add_argument(
-        "--understudies", nargs="*", default=None, help="understudy folders (from `understudy distill`)"
-    )
-    ap.add_argument(
-        "--costs", default="0.5,1.0", help="costs of the quick MSE understudies fitted when none are given"
-    )
-    ap.add_argument("--fit-steps", type=int, default=1500)
+    ap.add_argument("--standins", nargs="+", required=True, help="stand-in folders from `understudy distill`")
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--max-blocks", type=int, default=64)
     ap.add_argument("--blocks-per-rank", type=int, default=2)
-    ap.add_argument("--capacities", default="0.75,1.0,1.25,1.5,2.0")
+    ap.add_argument("--capacities", default="1.0,1.5,2.0")
     ap.add_argument("--work", default="runs/bench_ep")
     ap.add_argument("--name", default="ep_understudy")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the results JSON")
     args = ap.parse_args()
     if args.replot:
-        plot(
-            json.loads((RESULTS / f"{args.name}.json").read_text())["rows"],
-            RESULTS / f"{args.name}.png",
-            args.ranks,
-        )
+        rows = json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]
+        plot(rows, RESULTS / f"{args.name}.png", args.ranks)
         return
     torch.set_num_threads(1)
     work = Path(args.work)
     model, _ = load_model_and_tokenizer(args.model)
     cache = torch.load(Path(args.model) / "blocks.pt")
     train, val = cache["train"], cache["val"][: args.max_blocks]
-    layer0 = find_moe_layers(model)[0]
-    expert_params = 3 * layer0.hidden_size * layer0.expert_intermediate_size
-
-    # understudies: given, or fitted here
-    sets: list[tuple[str, Path]] = []
-    if args.understudies:
-        sets = [(Path(p).name, Path(p)) for p in args.understudies]
-    else:
-        fit_blocks = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:256]]
-        for c in (float(c) for c in args.costs.split(",")):
-            console.print(f"fitting dense understudies at cost {c} (layer-wise MSE, {args.fit_steps} steps)")
-            sets.append(
-                (
-                    f"mse-dense-cost{c}",
-                    fit_dense(model, fit_blocks, c, args.fit_steps, work / f"understudies-cost{c}"),
-                )
-            )
-
     caps = tuple(float(c) for c in args.capacities.split(","))
 
     def ep(name: str, **kw) -> list[dict]:
@@ -202,115 +123,76 @@ def main() -> None:
             max_blocks=args.max_blocks,
             blocks_per_rank=args.blocks_per_rank,
             out=str(work / name),
+            priority="score",
             **kw,
         )
         console.print(
             f"[bold]{name}[/]: torchrun x{args.ranks}, policies {cfg.policies}, capacities {cfg.capacities}"
         )
-        runs = launch_ep(cfg, args.ranks)
-        return [{"system": system_name(name, r), **r} for r in runs]
+        return [{"system": system_name(name, r), **r} for r in launch_ep(cfg, args.ranks)]
 
-    rows: list[dict] = []
-    for i, (label, path) in enumerate(sets):
-        us = load_understudies(path, model)
-        u0 = next(iter(us.values()))
-        cost = u0.flops_per_token() / layer0.active_expert_flops_per_token()
-        slots = int(u0.param_count() // expert_params)
-        # Per-expert shadows serve single overflowing assignments; dense understudies whole tokens.
-        own = "shadow" if isinstance(u0, Shadows) else "understudy"
-        policies = ("full", "drop", "reroute", own) if i == 0 else (own,)
-        runs = ep(
-            "full" if i == 0 else f"contiguous-{label}",
-            policies=policies,
-            capacities=caps,
-            understudies=str(path),
-        )
-        # Capacity per rank: the lever for rank balance (one launch per understudy set; drop once).
+    rows: list[dict] = ep("full", policies=("full", "drop", "expanded_drop"), capacities=caps)
+    rows += ep("rankcap", policies=("drop",), capacities=caps, capacity_scope="rank")
+    slots_done: set[int] = set()
+    for path in args.standins:
+        label = Path(path).name
+        stand_ins = load_understudies(path, model)
+        u0 = next(iter(stand_ins.values()))
+        own = "shadow" if level_of(u0) == ASSIGNMENT else "understudy"
+        runs = ep(f"contiguous-{label}", policies=(own,), capacities=caps, understudies=str(path))
         runs += ep(
             f"rankcap-{label}",
-            policies=("drop", own) if i == 0 else (own,),
+            policies=(own,),
             capacities=caps,
             understudies=str(path),
             capacity_scope="rank",
         )
-        # The same on a load-balanced placement: packing evens out what capacity per rank cannot
-        # (a rank whose experts are all cold stays idle whatever the capacity).
+        # EPLB at least the stand-in's memory: ceil(its memory) extra expert slots per rank
+        layer0 = find_moe_layers(model)[0]
+        slots = max(1, math.ceil(u0.memory_expert_equiv(layer0.expert_params()) - 1e-9))
+        if slots not in slots_done:
+            slots_done.add(slots)
+            rows += ep(f"eplb-fresh-x{slots}", placement="replicate", extra_slots=slots, calibration="eval")
+            rows += ep(f"eplb-stale-x{slots}", placement="replicate", extra_slots=slots, calibration="train")
         runs += ep(
-            "balanced",
-            policies=("full", own) if i == 0 else (own,),
-            capacities=caps,
-            understudies=str(path),
-            capacity_scope="rank",
-            placement="replicate",
-            extra_slots=0,
-        )
-        for r in runs:
-            if r["policy"] == own:
-                r.update(
-                    system=f"{r['system']} ({label})",
-                    understudy=label,
-                    understudy_cost=cost,
-                    understudy_params=u0.param_count(),
-                    equal_memory_slots=slots,
-                )
-            rows.append(r)
-        if slots >= 1 and not any(r["system"] == f"replication-extra{slots}" for r in rows):
-            for r in ep(f"replication-extra{slots}", placement="replicate", extra_slots=slots):
-                rows.append({**r, "equal_memory_to": label})
+            f"eplb-stale-x{slots}+{label}", policies=(own,), capacities=caps, understudies=str(path),
+            placement="replicate", extra_slots=slots, calibration="train", capacity_scope="rank",
+        )  # fmt: skip
+        rows += [{**r, "standin": label} for r in runs]
     full = next(r for r in rows if r["system"] == "full")
     calib = train[:64]
-    spec = speculative_row(
-        model,
-        calib,
-        val[: (len(val) // (args.ranks * args.blocks_per_rank)) * args.ranks * args.blocks_per_rank],
-        args.ranks,
-        full,
-        args.ranks * args.blocks_per_rank,
+    steps_blocks = (len(val) // (args.ranks * args.blocks_per_rank)) * args.ranks * args.blocks_per_rank
+    rows.append(
+        speculative_row(model, calib, val[:steps_blocks], args.ranks, full, args.ranks * args.blocks_per_rank)
     )
-    rows.append(spec)
 
     for r in rows:
         r["ppl_increase_pct"] = 100 * (r["perplexity"] / full["perplexity"] - 1)
-        r["a2a_cut_pct"] = 100 * (1 - r["a2a_bytes"] / full["a2a_bytes"])
-        r["meets_target"] = bool(
-            r["ppl_increase_pct"] <= 1.0 and r["a2a_cut_pct"] >= 30.0 and r["max_over_mean_rank_load"] <= 1.1
-        )
-    # Per kind of system: the largest all-to-all cut among its runs within +1% perplexity.
-    within = {}
-    for r in rows:
-        kind = system_kind(r["system"]).split(" ")[0]
-        if r["ppl_increase_pct"] <= 1.0 and r["a2a_cut_pct"] > within.get(kind, {}).get("a2a_cut_pct", -1e9):
-            within[kind] = {
-                k: r[k] for k in ("system", "ppl_increase_pct", "a2a_cut_pct", "max_over_mean_rank_load")
-            }
+        r["total_bytes_cut_pct"] = 100 * (1 - r.get("total_bytes", r["a2a_bytes"]) / full["total_bytes"])
     table = Table(
         title=f"Expert parallelism over {args.ranks} ranks, {args.model} ({args.max_blocks} held-out blocks)"
     )
     for c in (
         "system",
-        "cost",
-        "ppl",
+        "memory/rank",
         "+ppl %",
         "a2a MB",
-        "cut %",
+        "exchange MB",
+        "total cut %",
         "max/mean load",
-        "max/mean work",
-        "degraded",
-        "target",
+        "work imb.",
     ):
         table.add_column(c, justify="left" if c == "system" else "right")
     for r in rows:
         table.add_row(
             r["system"],
-            f"{r.get('understudy_cost', 0):.2f}" if "understudy_cost" in r else "",
-            f"{r['perplexity']:.3f}",
+            f"{r.get('memory_expert_equiv', 0):.2f}",
             f"{r['ppl_increase_pct']:+.2f}",
             f"{r['a2a_bytes'] / 1e6:.2f}",
-            f"{r['a2a_cut_pct']:.1f}",
+            f"{r.get('exchange_bytes', 0) / 1e6:.3f}",
+            f"{r['total_bytes_cut_pct']:.1f}",
             f"{r['max_over_mean_rank_load']:.3f}",
-            f"{r['max_over_mean_rank_work']:.3f}",
-            f"{r.get('degraded_token_fraction', 0):.1%}",
-            "yes" if r["meets_target"] else "no",
+            f"{r.get('rank_work_imbalance', float('nan')):.3f}",
         )
     console.print(table)
     plot(rows, RESULTS / f"{args.name}.png", args.ranks)
@@ -320,12 +202,11 @@ def main() -> None:
             "what": __doc__.splitlines()[0],
             "note": (
                 "CPU shared with other jobs: times are indicative only; bytes, loads and perplexity are exact. "
-                "a2a_bytes counts rows crossing ranks in dispatch + combine (fp32 hidden rows); speculative's "
-                "a2a_bytes is its critical-path volume (pre-dispatched rows overlapped), a2a_bytes_on_wire all rows."
+                "a2a_bytes: rows crossing ranks in dispatch + combine (fp32 hidden rows); exchange_bytes: the routing "
+                "information all-gathered to plan (per-rank counts or compact rows, see runtime/exchange.py); "
+                "total_bytes = both. memory_expert_equiv: per rank per MoE layer beyond its own experts (stand-in "
+                "and replica slots). Speculative's a2a_bytes is its critical-path volume (a2a_bytes_on_wire: all rows)."
             ),
-            "target": "ppl <= +1%, a2a bytes cut >= 30%, max/mean rank load <= 1.1 (vs full)",
-            "best_cut_within_1pct_ppl": within,
-            "any_meets_target": any(r["meets_target"] for r in rows),
             "rows": rows,
         },
     )
@@ -336,8 +217,7 @@ def system_name(launch: str, run: dict) -> str:
     if run["policy"] == "full":
         return launch
     scope = "-rankcap" if run.get("capacity_scope") == "rank" else ""
-    placed = "-balanced" if run.get("placement") == "replicate" else ""
-    return f"{run['policy']}{scope}{placed}-cf{run['capacity_factor']:g}"
+    return f"{launch}:{run['policy']}{scope}-cf{run['capacity_factor']:g}"
 
 
 def system_kind(system: str) -> str:
@@ -367,9 +247,9 @@ def plot(rows: list[dict], path: Path, ranks: int) -> None:
             color=colors[n % 20],
             label=kind,
         )
-        a.plot([r["a2a_cut_pct"] for r in runs], [r["ppl_increase_pct"] for r in runs], **style)
+        a.plot([r["total_bytes_cut_pct"] for r in runs], [r["ppl_increase_pct"] for r in runs], **style)
         b.plot([r["max_over_mean_rank_load"] for r in runs], [r["ppl_increase_pct"] for r in runs], **style)
-    a.set_xlabel("all-to-all bytes cut vs full (%)")
+    a.set_xlabel("total bytes cut vs full (%): all-to-all + routing exchange")
     a.set_ylabel("perplexity increase vs full (%)")
     a.set_yscale("symlog", linthresh=1.0)
     a.axhline(1.0, ls=":", c="grey")
