@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 
@@ -130,6 +131,8 @@ def user_errors(fn):
                 "[yellow]interrupted; saved checkpoints are kept, rerun with --resume to continue.[/]"
             )
             sys.exit(130)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # typer.Exit and click's own usage errors: click reports them itself
         except Exception as err:
             if kwargs.get("debug"):
                 raise
