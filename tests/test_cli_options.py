@@ -185,3 +185,14 @@ def test_ep_replicate_placement_calibrates_on_the_users_data_without_cached_bloc
     assert payload["runs"][0]["slots_per_rank"] == 3  # ceil(4 experts / 2 ranks) + 1 extra: replicated
     assert payload["runs"][0]["perplexity"] > 0
     assert EPConfig.from_yaml(tmp_path / "ep.yaml").data.source == str(hub_like / "mine.txt")
+
+
+RUNS_A_MODEL = ("inspect", "capture", "distill", "replace-eval", "evaluate", "simulate", "ep", "rouge")
+
+
+@pytest.mark.parametrize("command", ["teacher", *RUNS_A_MODEL, "demo", "sft", "kd"])
+def test_every_command_takes_config_and_debug_and_the_model_runners_dtype_and_device(command):
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    flags = {"--config", "--debug"} | ({"--dtype", "--device"} if command in RUNS_A_MODEL else set())
+    assert flags <= set(result.output.replace("│", " ").split()), command
