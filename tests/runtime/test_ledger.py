@@ -172,3 +172,13 @@ def test_recorder_summary_adds_up_and_charges_the_exchange():
     assert s["bytes_moved"] == s["dispatch_bytes"] + s["combine_bytes"]
     assert s["exchange_bytes"] == 2 * (2 * 4 * 4) + 2 * (4 + 16 * 10)  # counts for drop, rows for understudy
     assert s["total_bytes"] == s["bytes_moved"] + s["exchange_bytes"]
+
+
+def test_a_recorder_of_empty_steps_reports_zeros():
+    layer = find_moe_layers(tiny_model())[0]
+    empty = Routing(torch.zeros(0, layer.num_experts), torch.zeros(0, 2), torch.zeros(0, 2, dtype=torch.long))
+    rec = LoadRecorder()
+    rec.record(Step(layer, empty, plan_routing(empty, "drop", 0), 0, 4, None, Topology.contiguous(4, 2)))
+    s = rec.summary()
+    assert s["frac_dropped"] == 0.0 and s["bytes_per_token"] == 0.0 and s["bytes_moved"] == 0
+    assert s["total_bytes"] == s["exchange_bytes"] == 2 * (2 * 4 * 4)  # ranks still send their count tables

@@ -207,7 +207,8 @@ class LoadRecorder:
             return {}
         n = len(self.steps)
         total = lambda name: sum(getattr(s, name) for s in self.steps)  # noqa: E731
-        assignments, tokens = total("assignments"), total("tokens")
+        # an all-empty record (every step had no tokens) reports zeros rather than dividing by zero
+        assignments, tokens = max(total("assignments"), 1), max(total("tokens"), 1)
         a2a = total("dispatch_bytes") + total("combine_bytes")
         exchange = total("exchange_bytes")
         return {
@@ -235,7 +236,8 @@ class LoadRecorder:
             "stand_in_flops_fraction": total("stand_in_flops")
             / max(total("stand_in_flops") + total("expert_flops"), 1e-30),
             # stand-in FLOPs per assignment it served (a token-level understudy token covers k)
-            "stand_in_flops_per_served": total("stand_in_flops") / max(total("shadow") + total("understudy"), 1),
+            "stand_in_flops_per_served": total("stand_in_flops")
+            / max(total("shadow") + total("understudy"), 1),
             "memory_expert_equiv": max(s.memory_expert_equiv for s in self.steps),
         }
 
