@@ -557,7 +557,7 @@ class EvalConfig(StageConfig):
     out: str = "runs/eval"  # report folder: report.json, report.png, eval.yaml
     policies: tuple[str, ...] = ("full", "drop", "reroute", "understudy")  # policies compared side by side
     capacities: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)  # capacity factors swept for every capacity policy
-    priority: str = "position"  # position | score
+    priority: str = "score"  # score (Capacity-Aware token drop: lowest router weight overflows first) | position
     scenario: str = "natural"  # natural (held-out text) | domain_shift | hot_expert
     hot_expert: int = 0  # hot_expert: the expert whose router logit is raised (every layer)
     hot_bias: float = 2.0  # hot_expert: logit bias added to that expert
@@ -604,7 +604,7 @@ class EPConfig(StageConfig):
     capacities: tuple[float, ...] = (
         1.0,
     )  # capacity factors for every policy but full: ceil(cf * global tokens * k / E)
-    priority: str = "position"  # position | score
+    priority: str = "score"  # score (Capacity-Aware token drop: lowest router weight overflows first) | position
     capacity_scope: str = "expert"  # expert | rank: capacity per expert, or per rank over all its experts
     placement: str = (
         "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file

@@ -76,8 +76,8 @@ CapacitiesOption = Annotated[
 PriorityOption = Annotated[
     str | None,
     typer.Option(
-        help="Which assignments overflow first: position (arrival order, first choices before second; the "
-        "default) or score (lowest router weight)."
+        help="Which assignments overflow first: score (lowest router weight, Capacity-Aware Inference's token "
+        "drop; the default of evaluate, ep and serve-eval) or position (arrival order, first choices first)."
     ),
 ]
 DeviceOption = Annotated[
@@ -226,7 +226,8 @@ def configure(
             base = base.replace(data=data_start())
         return _apply(base, changes)
     except ValueError as err:
-        raise UserError(f"{err} Fix the option (see --help) and rerun.") from err
+        # one sentence: the config's own message, then what to do
+        raise UserError(f"{str(err).rstrip('.')}; fix the option (see --help) and rerun.") from err
 
 
 def _apply(cfg, changes: dict[str, Any]):

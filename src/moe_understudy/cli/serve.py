@@ -7,41 +7,31 @@ from typing import Annotated
 
 import typer
 
-from moe_understudy.cli.common import app, console, given, split, user_errors
-from moe_understudy.errors import UserError
+from moe_understudy.cli.common import (
+    CapacitiesOption,
+    ConfigOption,
+    DebugOption,
+    DeviceOption,
+    ModelArgument,
+    PoliciesOption,
+    PriorityOption,
+    UnderstudiesOption,
+    app,
+    configure,
+    console,
+    user_errors,
+)
 
 
 @app.command("serve-eval")
 @user_errors
 def serve_eval(
-    model: Annotated[
-        str | None,
-        typer.Argument(
-            help="Saved MoE model folder (from `understudy teacher`) with its tokenizer (or set in --config)."
-        ),
-    ] = None,
-    understudies: Annotated[
-        str | None,
-        typer.Option(
-            help="Stand-in folder from `understudy distill`; needed by understudy, layer, deadline, shadow, expanded_shadow."
-        ),
-    ] = None,
-    policies: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated policies compared with full (default full,drop,expanded_drop)."),
-    ] = None,
-    capacity: Annotated[
-        str | None,
-        typer.Option(
-            help="Capacity factors (default 1,1.5,2); capacity = ceil(cf * tokens of the step * k / experts)."
-        ),
-    ] = None,
-    priority: Annotated[
-        str | None,
-        typer.Option(
-            help="Which assignments overflow first: score (default, lowest router weight) or position."
-        ),
-    ] = None,
+    ctx: typer.Context,
+    model: ModelArgument = None,
+    understudies: UnderstudiesOption = None,
+    policies: PoliciesOption = None,
+    capacity: CapacitiesOption = None,
+    priority: PriorityOption = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -93,44 +83,16 @@ def serve_eval(
         Path | None,
         typer.Option(help="Report folder: report.json, report.png and serve.yaml (default runs/serve)."),
     ] = None,
-    device: Annotated[str | None, typer.Option(help="Torch device (default cpu).")] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="Read options from a serve.yaml (flags given here override it).")
-    ] = None,
+    device: DeviceOption = None,
+    config: ConfigOption = None,
+    debug: DebugOption = False,
 ) -> None:
     """Generation under load: decode-step agreement teacher-forced along the unpatched greedy run, free-running
     sequence figures, overflow per step, tokens/s and bytes, for each policy x capacity factor."""
+
     from moe_understudy.config import ServeConfig
     from moe_understudy.eval.serve import run_serve
 
-    if model is None and config is None:
-        raise UserError("Give the MODEL folder to serve (or a --config serve.yaml that names one).")
-    if config is not None and not config.is_file():
-        raise UserError(f"--config {config} is not a file; pass the serve.yaml a serve-eval run wrote.")
-    try:
-        base = ServeConfig.from_yaml(config) if config else ServeConfig()
-        cfg = base.replace(
-            **given(
-                model=model,
-                understudies=understudies,
-                policies=split(policies, str, "policies"),
-                capacities=split(capacity, float, "capacity factors"),
-                priority=priority,
-                data=data,
-                fmt=fmt,
-                prompts=prompts,
-                prompt_tokens=prompt_tokens,
-                new_tokens=new_tokens,
-                slots=slots,
-                mode=mode,
-                prefill_chunk=prefill_chunk,
-                num_devices=devices,
-                noise_floor=noise_floor,
-                bf16_floor=bf16_floor,
-                out=str(out) if out is not None else None,
-                device=device,
-            )
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    run_serve(cfg, console)
+    params = {**ctx.params, "model": model or (None if config else "runs/teacher")}
+    cfg = configure(ServeConfig, params, renames={"capacity": "capacities", "devices": "num_devices"})
+    run_serve(cfg, console)  # writes OUT/serve.yaml
