@@ -757,16 +757,20 @@ class ShiftSimConfig(StageConfig):
     systems: tuple[str, ...] = SHIFT_SYSTEMS
     phase: str = "decode"  # decode: each rank's sequences emit one token per step | prefill: whole blocks
     tokens_per_rank: int = 128  # tokens each rank's attention (data parallel) feeds the MoE per step
-    sequence_tokens: int = 32  # decode: tokens of one sequence (a window of a captured block)
-    steps: int = 128  # timed steps per (scenario, ranks)
-    rank_step_budget: int = 0  # > 0: at most this many ranks x steps per run (fewer steps at many ranks)
-    warmup_steps: int = 32  # steps before the first timed one; their load plans the first stale EPLB
-    refresh_every: int = 96  # stale EPLB re-plans every N steps from the last `window` steps' load
-    window: int = 32  # steps of load a stale plan is made from
-    fresh_window: int = 16  # EPLB fresh is re-planned every N steps on the mean load of those very steps
+    # decode: tokens of one sequence (a window of a captured block). Time is compressed: about 60x
+    # against sequences of ~1000 tokens, so vLLM's defaults (window_size 1000, step_interval 3000
+    # steps) become a window of 16 and a refresh every 48 steps here
+    sequence_tokens: int = 16
+    steps: int = 64  # timed steps per (scenario, ranks)
+    rank_step_budget: int = 4096  # > 0: charge only every k-th step so that ranks x charged steps <= this
+    cycle_layers: bool = True  # a charged step charges one MoE layer, the next one each time (else all)
+    warmup_steps: int = 16  # steps before the first timed one; their load plans the first stale EPLB
+    refresh_every: int = 48  # stale EPLB re-plans every N steps from the last `window` steps' load
+    window: int = 16  # steps of load a stale plan is made from
+    fresh_window: int = 8  # EPLB fresh is re-planned every N steps on the mean load of those very steps
     shift_at: float = 0.25  # domain_shift: new sequences are prose after this fraction of the steps
-    burst_every: int = 32  # hot_burst: a burst starts every N steps ...
-    burst_len: int = 8  # ... and lasts this many steps
+    burst_every: int = 16  # hot_burst: a burst starts every N steps ...
+    burst_len: int = 4  # ... and lasts this many steps
     burst_bias: float = 2.0  # ... with this router-logit bias on one expert per layer (drawn per burst)
     capacity_factor: float = 1.0  # per rank: ceil(cf * tokens * k / ranks)
     priority: str = "score"  # which assignments overflow first: score | position

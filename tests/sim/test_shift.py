@@ -20,23 +20,27 @@ def hot_load(expert: int, E: int = 8, L: int = 2) -> torch.Tensor:
 
 
 def test_stale_plan_serves_until_its_refresh_then_follows_the_last_window():
-    schedule = EPLBSchedule(num_ranks=4, window=2, refresh_every=3)
-    for _ in range(2):  # warm-up: expert 0 is hot
+    schedule = EPLBSchedule(num_ranks=4, window=2, refresh_every=3, slot_counts=(3,))
+    for step in (-2, -1):  # warm-up: expert 0 is hot
+        schedule.tick(step)
         schedule.observe(hot_load(0))
-    first = schedule.placement(0, slots=3)
-    assert (first.replica_count()[:, 0] > 1).all()
+    schedule.tick(0)
+    first = schedule.placement(3)
+    assert (first.replica_count()[:, 0] > 1).all() and schedule.refreshes == [0]
     schedule.observe(hot_load(5))
     for step in (1, 2):  # no refresh before step 3: the stale plan still replicates expert 0
-        assert schedule.placement(step, 3) is first
+        schedule.tick(step)
+        assert schedule.placement(3) is first
         schedule.observe(hot_load(5))
-    refreshed = schedule.placement(3, 3)
+    schedule.tick(3)
+    refreshed = schedule.placement(3)
     assert refreshed is not first and schedule.refreshes == [0, 3]
     # planned on the last `window` steps (1 and 2), where expert 5 was hot
-    assert torch.equal(
-        refreshed.phys_to_logical, rebalance_from_window(torch.stack([hot_load(5)] * 2), 4, 3).phys_to_logical
-    )
+    again = rebalance_from_window(torch.stack([hot_load(5)] * 2), 4, 3)
+    assert torch.equal(refreshed.phys_to_logical, again.phys_to_logical)
     assert (refreshed.replica_count()[:, 5] > 1).all()
-    assert schedule.placement(4, 3) is refreshed
+    schedule.tick(4)
+    assert schedule.placement(3) is refreshed and schedule.last_due(5) == 3
 
 
 def test_replica_slots_are_the_runtimes_assign_replicas():
@@ -149,3 +153,22 @@ def test_replay_charges_every_system_at_every_step():
     assert rows["standin"]["step_ms_p50"] < rows["full"]["step_ms_p50"]
     ages = [r.plan_age for r in out.records["eplb_stale"]]
     assert ages == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]
+    # charging every 3rd step, one layer each: the stale plan still refreshes at step 6
+    thin = replay(
+        src,
+        cfg,
+        systems[:5],
+        cost,
+        capacity_factor=1.0,
+        priority="score",
+        split=None,
+        stand_ins=stand_ins,
+        window=4,
+        refresh_every=6,
+        fresh_window=4,
+        cycle_layers=True,
+        stride=3,
+    )
+    assert [r.step for r in thin.records["eplb_stale"]] == [0, 3, 6, 9] and thin.refreshes == [0, 6]
+    assert [r.plan_age for r in thin.records["eplb_stale"]] == [0, 3, 0, 3]
+    assert all(r.layers == 1 for r in thin.records["full"])

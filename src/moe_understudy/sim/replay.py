@@ -26,6 +26,7 @@ from moe_understudy.sim.systems import (
     EPLBSchedule,
     SimRouting,
     System,
+    base_slots,
     exchange_of,
     placement_for,
     plan_layer,
@@ -36,9 +37,10 @@ from moe_understudy.sim.traces import SiblingSplit, biased_routing, renormalises
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One system at one step, summed over the MoE layers (imbalance: mean over layers)."""
+    """One system at one step, summed over the MoE layers charged (imbalance: mean over them)."""
 
     step: int
+    layers: int  # MoE layers charged in this record (1 when cycling through them)
     step_ms: float
     exchange_ms: float
     dispatch_ms: float
@@ -69,31 +71,29 @@ class Replay:
     num_experts: int  # experts per layer replayed (after any split)
 
 
-def layer_routings(
+def layer_routing(
     source: Source,
+    layer: int,
     rows: torch.Tensor,
     hot: torch.Tensor | None,
     bias: float,
     split: SiblingSplit | None,
     renorm: bool,
+    with_logits: bool = True,
 ):
-    """Per layer: (routing over the replayed experts, parent routing (weights, indices, logits))."""
+    """(routing over the replayed experts, parent (weights, indices, logits)) of `layer` for `rows`."""
     trace = source.trace
-    out = []
-    for layer in range(trace.num_layers):
-        logits = trace.logits[layer, rows]
-        if hot is None:
-            weights, indices = trace.weights[layer, rows], trace.indices[layer, rows]
-        else:
-            b = hot_expert_bias(trace.num_experts, int(hot[layer]), bias)
-            logits = logits + b
-            weights, indices = biased_routing(logits, torch.zeros(()), trace.top_k, renorm)
-        if split is None:
-            routing = SimRouting(indices, weights, trace.num_experts, logits)
-        else:
-            routing = SimRouting(split.children(layer, indices, weights, rows), weights, split.num_experts)
-        out.append((routing, (weights, indices, logits)))
-    return out
+    logits = trace.logits[layer, rows] if (with_logits or hot is not None) else None
+    if hot is None:
+        weights, indices = trace.weights[layer, rows], trace.indices[layer, rows]
+    else:
+        logits = logits + hot_expert_bias(trace.num_experts, int(hot[layer]), bias)
+        weights, indices = biased_routing(logits, torch.zeros(()), trace.top_k, renorm)
+    if split is None:
+        routing = SimRouting(indices, weights, trace.num_experts, logits)
+    else:
+        routing = SimRouting(split.children(layer, indices, weights, rows), weights, split.num_experts)
+    return routing, (weights, indices, logits)
 
 
 def replay(
@@ -110,11 +110,17 @@ def replay(
     refresh_every: int,
     fresh_window: int = 16,
     burst_bias: float = 2.0,
+    cycle_layers: bool = False,
+    stride: int = 1,
 ) -> Replay:
-    """Every system over every step of `stream_cfg` (stand_ins: one cost-model stand-in per layer).
+    """Every system over the steps of `stream_cfg` (stand_ins: one cost-model stand-in per layer).
 
-    Two passes: the first routes every step to know its load (EPLB fresh is planned on the mean
-    load of the `fresh_window` steps it then serves), the second plans, charges and times them.
+    Two passes: the first routes every step of every layer to know its load (EPLB fresh is planned
+    on the mean load of the `fresh_window` steps it then serves; the stale schedule sees every
+    step), the second plans, charges and times them. To bound the cost at many ranks, only every
+    `stride`-th step is charged, and with `cycle_layers` a charged step charges one MoE layer, the
+    next one each time (so a record is one layer step); the stream and the plans still see every
+    step and layer.
     """
     trace = source.trace
     L, R = trace.num_layers, stream_cfg.num_ranks
@@ -122,13 +128,14 @@ def replay(
     renorm = renormalises(trace)
     steps = list(stream(source, stream_cfg))
 
-    def routed(st):
-        return layer_routings(source, st.rows, st.hot, burst_bias, split, renorm)
+    def load_of(st) -> torch.Tensor:
+        out = []
+        for layer in range(L):
+            routing, _ = layer_routing(source, layer, st.rows, st.hot, burst_bias, split, renorm, False)
+            out.append(torch.bincount(routing.indices.reshape(-1), minlength=E))
+        return torch.stack(out).double()
 
-    def load_of(routings) -> torch.Tensor:
-        return torch.stack([torch.bincount(r.indices.reshape(-1), minlength=E) for r, _ in routings]).double()
-
-    loads = [load_of(routed(st)) for st in steps]
+    loads = [load_of(st) for st in steps]
     timed = [i for i, st in enumerate(steps) if st.step >= 0]
     fresh_load = {}
     for w in range(0, len(timed), fresh_window):
@@ -136,8 +143,9 @@ def replay(
         mean = torch.stack([loads[i] for i in chunk]).mean(0)
         for i in chunk:
             fresh_load[steps[i].step] = mean
-    schedule = EPLBSchedule(R, window, refresh_every)
-    placed: dict[str, tuple] = {}  # system -> (placement, its topologies)
+    stale_slots = tuple(base_slots(E, R) + s.extra_slots for s in systems if s.placement == STALE)
+    schedule = EPLBSchedule(R, window, refresh_every, stale_slots)
+    placed: dict[str, tuple] = {}  # system -> (plan key, placement, its topologies)
     records: dict[str, list[StepRecord]] = {s.name: [] for s in systems}
     row_bytes = {
         s.name: (
@@ -147,14 +155,23 @@ def replay(
         )
         for s in systems
     }
+    needs_logits = split is None and any(s.policy == "expanded_drop" for s in systems)
     for st, load in zip(steps, loads, strict=True):
-        if st.step < 0:
+        schedule.tick(st.step)
+        if st.step < 0 or st.step % stride:
             schedule.observe(load)
             continue
-        routings = routed(st)
+        layers = [(st.step // stride) % L] if cycle_layers else list(range(L))
+        with_logits = needs_logits or (
+            split is not None and any(s.policy == "expanded_drop" for s in systems)
+        )
+        routings = {
+            layer: layer_routing(source, layer, st.rows, st.hot, burst_bias, split, renorm, with_logits)
+            for layer in layers
+        }
         T = st.rows.numel()
         home = torch.arange(T) * R // T
-        shared: list[dict] = [{} for _ in routings]
+        shared: dict[int, dict] = {layer: {} for layer in layers}
         for system in systems:
             # a new plan at each fresh window, at each stale refresh, once for contiguous experts
             key = {FRESH: id(fresh_load[st.step]), STALE: schedule.last_due(st.step)}.get(system.placement, 0)
@@ -164,7 +181,7 @@ def replay(
             _, placement, topos = placed[system.name]
             acc = dict(exchange=0.0, dispatch=0.0, compute=0.0, combine=0.0, a2a=0, xb=0, imb=0.0)
             fates = dict(assignments=0, expert=0, shadow=0, dropped=0, tokens=0, degraded_tokens=0)
-            for layer, (routing, (weights, indices, logits)) in enumerate(routings):
+            for layer, (routing, (weights, indices, logits)) in routings.items():
                 candidates = None
                 if system.policy == "expanded_drop":
                     if split is None:
@@ -204,6 +221,7 @@ def replay(
             records[system.name].append(
                 StepRecord(
                     step=st.step,
+                    layers=len(layers),
                     step_ms=seconds * 1e3,
                     exchange_ms=acc["exchange"] * 1e3,
                     dispatch_ms=acc["dispatch"] * 1e3,
@@ -211,7 +229,7 @@ def replay(
                     combine_ms=acc["combine"] * 1e3,
                     a2a_bytes=acc["a2a"],
                     exchange_bytes=acc["xb"],
-                    rank_work_imbalance=acc["imb"] / L,
+                    rank_work_imbalance=acc["imb"] / len(layers),
                     burst=st.hot is not None,
                     prose_fraction=st.prose_fraction,
                     plan_age=(st.step - schedule.refreshes[-1]) if system.placement == STALE else None,

@@ -167,9 +167,8 @@ def _run(cfg: ShiftSimConfig, console: Console, model, tokenizer) -> dict:
             if expansion is not None:
                 exp = expansion.expansion if isinstance(expansion, ExpansionFit) else expansion
                 split = SiblingSplit(exp, trace.num_layers, E)
-            steps = (
-                cfg.steps if cfg.rank_step_budget == 0 else max(1, min(cfg.steps, cfg.rank_step_budget // R))
-            )
+            steps = cfg.steps
+            stride = 1 if cfg.rank_step_budget == 0 else max(1, math.ceil(R * steps / cfg.rank_step_budget))
             stream_cfg = StreamConfig(
                 scenario=scenario,
                 num_ranks=R,
@@ -183,7 +182,9 @@ def _run(cfg: ShiftSimConfig, console: Console, model, tokenizer) -> dict:
                 burst_len=cfg.burst_len,
                 seed=cfg.seed,
             )
-            with console.status(f"{scenario}: {R} ranks, {steps} steps, {len(systems)} systems"):
+            with console.status(
+                f"{scenario}: {R} ranks, {steps} steps (every {stride}), {len(systems)} systems"
+            ):
                 result = replay(
                     source,
                     stream_cfg,
@@ -197,6 +198,8 @@ def _run(cfg: ShiftSimConfig, console: Console, model, tokenizer) -> dict:
                     refresh_every=cfg.refresh_every,
                     fresh_window=cfg.fresh_window,
                     burst_bias=cfg.burst_bias,
+                    cycle_layers=cfg.cycle_layers,
+                    stride=stride,
                 )
             for system in systems:
                 summary = summarize(result.records[system.name])
@@ -217,7 +220,11 @@ def _run(cfg: ShiftSimConfig, console: Console, model, tokenizer) -> dict:
                         "policy": system.policy,
                         "placement": system.placement,
                         "extra_slots": system.extra_slots,
+                        "memory_budget": cfg.memory_budget,
                         "experts": result.num_experts,
+                        "charged_steps": len(result.records[system.name]),
+                        "step_stride": stride,
+                        "layers_per_record": 1 if cfg.cycle_layers else trace.num_layers,
                         "capacity_factor": None
                         if system.policy == "full"
                         else (system.capacity_factor or cfg.capacity_factor),

@@ -105,16 +105,16 @@ class EPLBSchedule:
     """Stale EPLB as serving engines run it: planned on the mean load of the last `window` steps,
     first at step 0 (from the warm-up), then again every `refresh_every` steps.
 
-    `observe` every step's routed load [L, E] (warm-up included); `placement(step, slots)` gives the
-    plan in force at `step` for `slots` slots per rank (systems with different budgets share the
-    history, each gets its own plan).
+    Every step: `tick(step)` (re-plans when due), then `observe` its routed load [L, E] (warm-up
+    steps only observe). `placement(slots)` is the plan in force for `slots` slots per rank
+    (systems with different budgets share the history; each slot count gets its own plan).
     """
 
-    def __init__(self, num_ranks: int, window: int, refresh_every: int):
+    def __init__(self, num_ranks: int, window: int, refresh_every: int, slot_counts: tuple[int, ...] = ()):
         self.num_ranks, self.window, self.refresh_every = num_ranks, window, refresh_every
+        self.slot_counts = tuple(sorted(set(slot_counts)))
         self.history: list[torch.Tensor] = []
         self.plans: dict[int, Placement] = {}
-        self.planned_at: dict[int, int] = {}
         self.refreshes: list[int] = []
 
     def observe(self, load: torch.Tensor) -> None:
@@ -129,12 +129,19 @@ class EPLBSchedule:
         """The step whose plan is in force at `step`."""
         return step - step % self.refresh_every
 
-    def placement(self, step: int, slots: int) -> Placement:
-        if self.due(step) and self.planned_at.get(slots) != step:
-            self.plans[slots] = rebalance_from_window(torch.stack(self.history), self.num_ranks, slots)
-            self.planned_at[slots] = step
-            if not self.refreshes or self.refreshes[-1] != step:
-                self.refreshes.append(step)
+    def tick(self, step: int) -> None:
+        """Re-plan every slot count from the window when `step` is a refresh step."""
+        if not self.due(step) or (self.refreshes and self.refreshes[-1] == step):
+            return
+        window = torch.stack(self.history)
+        self.plans = {
+            slots: rebalance_from_window(window, self.num_ranks, slots) for slots in self.slot_counts
+        }
+        self.refreshes.append(step)
+
+    def placement(self, slots: int) -> Placement:
+        if slots not in self.plans:
+            raise ValueError(f"No stale plan for {slots} slots per rank; pass it in slot_counts.")
         return self.plans[slots]
 
 
@@ -211,7 +218,7 @@ def placement_for(
     if system.placement == FRESH:
         return replicate_hot_experts(window_load, num_ranks, slots)
     if system.placement == STALE:
-        return schedule.placement(step, slots)
+        return schedule.placement(slots)
     return contiguous_placement(num_layers, num_experts, num_ranks)
 
 
