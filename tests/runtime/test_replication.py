@@ -39,3 +39,48 @@ def test_replication_lowers_max_over_mean_rank_load_of_a_skewed_routing():
 def test_extra_bytes_count_spare_slots_per_rank_over_layers():
     p = replicate_hot_experts(torch.ones(4, 8), num_ranks=4, slots_per_rank=3)
     assert extra_expert_bytes(p, expert_bytes=1000) == 4 * 1000  # one spare slot x 4 layers
+
+
+def _assign_by_loop(indices, placement, layer, sent):
+    """The rule spelled out: each expert's sent assignments, token-major, cut into chunks by share."""
+    from moe_understudy.runtime.replication import replica_of_position
+
+    flat, keep = indices.reshape(-1), sent.reshape(-1)
+    out = torch.full_like(flat, -1)
+    for e in torch.unique(flat[keep]).tolist():
+        rows = ((flat == e) & keep).nonzero().squeeze(1)
+        slots = placement.slots_of(layer, e)
+        share = placement.replica_share[layer, slots]
+        out[rows] = slots[replica_of_position(torch.arange(rows.numel()), rows.numel(), share)]
+    return out.view_as(indices)
+
+
+def test_vectorised_replica_choice_follows_the_chunk_rule_for_every_expert():
+    g = torch.Generator().manual_seed(4)
+    load = torch.tensor([[90.0, 30, 10, 5, 5, 3, 2, 1], [1, 1, 1, 1, 1, 1, 1, 80]])
+    placement = replicate_hot_experts(load, num_ranks=4, slots_per_rank=4)
+    for layer in range(2):
+        for _ in range(3):
+            indices = torch.multinomial(torch.softmax(load[layer] / 20, 0).expand(50, 8), 2, generator=g)
+            sent = torch.rand(50, 2, generator=g) < 0.7
+            assert torch.equal(
+                assign_replicas(indices, placement, layer, sent),
+                _assign_by_loop(indices, placement, layer, sent),
+            )
+
+
+def test_vectorised_replica_choice_matches_the_rule_on_random_placements():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        E = int(torch.randint(4, 40, (1,), generator=g))
+        R = int(torch.randint(2, 9, (1,), generator=g))
+        slots = -(-E // R) + int(torch.randint(0, 4, (1,), generator=g))
+        placement = replicate_hot_experts(torch.rand(2, E, generator=g) ** 4 * 100, R, slots)
+        T, k = int(torch.randint(1, 300, (1,), generator=g)), min(3, E)
+        indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+        sent = torch.rand(T, k, generator=g) < 0.8
+        for layer in range(2):
+            assert torch.equal(
+                assign_replicas(indices, placement, layer, sent),
+                _assign_by_loop(indices, placement, layer, sent),
+            )

@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from moe_understudy.config import ClusterCost, ShiftSimConfig
-from moe_understudy.runtime.placement import rebalance_from_window, replicate_hot_experts
-from moe_understudy.runtime.replication import assign_replicas
+from moe_understudy.runtime.placement import rebalance_from_window
 from moe_understudy.sim.cost import AssignmentStandInCost, expert_flops
 from moe_understudy.sim.replay import replay, summarize
 from moe_understudy.sim.stream import Source, StreamConfig, stream
-from moe_understudy.sim.systems import EPLBSchedule, build_systems, replica_slots
+from moe_understudy.sim.systems import EPLBSchedule, build_systems
 from moe_understudy.sim.traces import RoutingTrace, synthetic_trace
 
 
@@ -41,21 +40,6 @@ def test_stale_plan_serves_until_its_refresh_then_follows_the_last_window():
     assert (refreshed.replica_count()[:, 5] > 1).all()
     schedule.tick(4)
     assert schedule.placement(3) is refreshed and schedule.last_due(5) == 3
-
-
-def test_replica_slots_are_the_runtimes_assign_replicas():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(25):
-        E = int(torch.randint(4, 40, (1,), generator=g))
-        R = int(torch.randint(2, 9, (1,), generator=g))
-        slots = -(-E // R) + int(torch.randint(0, 4, (1,), generator=g))
-        placement = replicate_hot_experts(torch.rand(2, E, generator=g) ** 4 * 100, R, slots)
-        T, k = int(torch.randint(1, 300, (1,), generator=g)), min(3, E)
-        indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-        for layer in range(2):
-            assert torch.equal(
-                replica_slots(indices, placement, layer), assign_replicas(indices, placement, layer)
-            )
 
 
 def source(blocks: int = 24, prose: int = 8, S: int = 16) -> Source:

@@ -133,7 +133,13 @@ def plan_routing(
         if candidates is None:
             candidates = expanded_candidates(routing, m=1)
         return _expanded(routing, capacity, priority, groups, candidates, policy == "expanded_shadow")
-    order = admission_order(routing.weights, priority)
+    # Known queue places (expert parallelism's counts, the simulator) spare the sort where only the
+    # places matter; reroute and understudy also walk the admission order itself.
+    order = (
+        None
+        if places is not None and policy not in ("reroute", "understudy")
+        else admission_order(routing.weights, priority)
+    )
     if places is None:
         places = queue_places(routing.indices, order, E, groups)
     if policy == "deadline":

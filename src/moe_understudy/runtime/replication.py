@@ -48,19 +48,36 @@ def assign_replicas(
     """(T, k) expert ids -> (T, k) physical slot per assignment (-1 where `sent` is False).
 
     Assignments of one expert are taken in flat token-major order and split into consecutive chunks
-    whose sizes follow `replica_share` (equal chunks for EPLB-style equal shares).
+    whose sizes follow `replica_share` (equal chunks for EPLB-style equal shares): the rule of
+    `replica_of_position`, for all experts at once (one sort, no loop over experts).
     """
     sent = torch.ones_like(indices, dtype=torch.bool) if sent is None else sent
-    flat_e = indices.reshape(-1)
-    flat_sent = sent.reshape(-1)
-    out = torch.full_like(flat_e, -1)
-    for e in torch.unique(flat_e[flat_sent]).tolist():
-        rows = ((flat_e == e) & flat_sent).nonzero().squeeze(1)  # (n_e,)
-        slots = placement.slots_of(layer, e)  # (c,)
-        if slots.numel() == 0:
-            raise ValueError(f"expert {e} of layer {layer} has no slot in the placement.")
-        position = torch.arange(rows.numel())
-        out[rows] = slots[replica_of_position(position, rows.numel(), placement.replica_share[layer, slots])]
+    flat, keep = indices.reshape(-1), sent.reshape(-1)
+    E = placement.num_experts
+    key = torch.where(keep, flat, torch.full_like(flat, E))  # unsent sort last, in a bucket of their own
+    order = torch.argsort(key, stable=True)  # by expert, token-major within an expert
+    count = torch.bincount(key, minlength=E + 1)
+    position = torch.empty_like(flat)
+    position[order] = torch.arange(flat.numel()) - (torch.cumsum(count, 0) - count)[key[order]]
+    # slots of each expert in ascending order, padded to the most replicas: (E, C)
+    phys = placement.phys_to_logical[layer]
+    copies = torch.bincount(phys[phys >= 0], minlength=E)
+    if int(copies.min()) == 0:
+        raise ValueError(f"expert {int(torch.argmin(copies))} of layer {layer} has no slot in the placement.")
+    held = (phys >= 0).nonzero().squeeze(1)
+    grouped = held[torch.argsort(phys[held], stable=True)]
+    C = int(copies.max())
+    rank_in = torch.arange(len(grouped)) - (torch.cumsum(copies, 0) - copies)[phys[grouped]]
+    table = torch.full((E, C), -1, dtype=torch.long)
+    table[phys[grouped], rank_in] = grouped
+    share = torch.zeros(E, C, dtype=torch.float64)
+    share[phys[grouped], rank_in] = placement.replica_share[layer, grouped].double()
+    bounds = torch.cumsum(share / share.sum(1, keepdim=True), 1)  # (E, C) chunk ends as fractions
+    bounds[table < 0] = float("inf")
+    e = flat.clamp(min=0, max=E - 1)
+    value = position.double() + 0.5  # searchsorted(bounds * total, value): bounds below the value
+    which = (bounds[e] * count[e, None].double() < value[:, None]).sum(1).clamp(max=copies[e] - 1)
+    out = torch.where(keep, table[e, which], torch.full_like(flat, -1))
     return out.view_as(indices)
 
 

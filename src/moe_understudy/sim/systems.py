@@ -39,6 +39,7 @@ from moe_understudy.runtime.placement import (
 )
 from moe_understudy.runtime.plan import Plan
 from moe_understudy.runtime.policies import EXPANDED, plan_routing
+from moe_understudy.runtime.replication import assign_replicas
 
 CONTIGUOUS, FRESH, STALE = "contiguous", "fresh", "stale"
 
@@ -164,41 +165,6 @@ class SimRouting:
         return torch.softmax(self.logits.float(), dim=-1)
 
 
-def replica_slots(indices: torch.Tensor, placement: Placement, layer: int) -> torch.Tensor:
-    """(T, k) physical slot each routed assignment goes to: exactly `replication.assign_replicas`.
-
-    The runtime's rule (an expert's assignments in flat token-major order cut into consecutive
-    chunks by replica share, as `replica_of_position` cuts them) without its loop over experts,
-    which costs seconds per step at 256 ranks: one stable sort groups assignments by expert.
-    tests/sim pins it equal to `assign_replicas`.
-    """
-    flat = indices.reshape(-1)
-    n, E = flat.numel(), placement.num_experts
-    order = torch.argsort(flat, stable=True)  # by expert, token-major within an expert
-    count = torch.bincount(flat, minlength=E)
-    position = torch.empty(n, dtype=torch.long)
-    position[order] = torch.arange(n) - (torch.cumsum(count, 0) - count)[flat[order]]
-    phys = placement.phys_to_logical[layer]
-    held = (phys >= 0).nonzero().squeeze(1)
-    slots = held[torch.argsort(phys[held], stable=True)]  # grouped by expert, ascending within
-    expert_of = phys[slots]
-    copies = torch.bincount(expert_of, minlength=E)
-    first = torch.cumsum(copies, 0) - copies
-    rank_in = torch.arange(len(slots)) - first[expert_of]
-    share = placement.replica_share[layer].double()[slots]
-    bound = share / torch.zeros(E, dtype=torch.float64).index_add_(0, expert_of, share)[expert_of]
-    for c in range(1, int(copies.max())):  # cumulative share within each expert, replica by replica
-        at = (rank_in == c).nonzero().squeeze(1)
-        bound[at] = bound[at - 1] + bound[at]
-    value = position.double() + 0.5
-    total = count[flat].double()
-    which = torch.zeros(n, dtype=torch.long)
-    for c in range(int(copies.max()) - 1):  # replica = bounds (x total) below the position
-        has = copies[flat] > c + 1
-        which += (has & (bound[(first[flat] + c).clamp(max=len(slots) - 1)] * total < value)).long()
-    return slots[first[flat] + which].view_as(indices)
-
-
 def placement_for(
     system: System,
     num_layers: int,
@@ -253,7 +219,7 @@ def plan_layer(
     if topo.replicated:  # every routed assignment goes to one replica; the plan keeps the slot
         key = ("slots", id(topo))
         if key not in shared:
-            shared[key] = replica_slots(routing.indices, topo.placement, topo.position)
+            shared[key] = assign_replicas(routing.indices, topo.placement, topo.position)
         slots = shared[key]
     if system.policy == "full":
         plan = plan_routing(routing, "full", 0)
