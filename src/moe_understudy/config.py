@@ -568,7 +568,9 @@ class EvalConfig(StageConfig):
     batch_sizes: tuple[int, ...] = (
         8,
     )  # blocks per forward step; capacity is per step, so this is the batch-size sweep
-    num_devices: int = 4  # devices the experts are spread over (contiguously) for all-to-all bytes
+    num_devices: int = 4  # devices tokens and experts live on: expanded_drop's locality, the byte ledger
+    capacity_scope: str = "expert"  # expert | rank (per simulated device; see RuntimeConfig)
+    expanded_m: int = 1  # expanded_drop / expanded_shadow: local candidates per token (see RuntimeConfig)
     readmit: bool = True  # understudy policy: refill freed capacity (see RuntimeConfig)
     threshold: float | None = None  # layer policy threshold (see RuntimeConfig)
     latency: float = 0.0  # deadline policy latency in assignment-times (see RuntimeConfig)
@@ -610,6 +612,7 @@ class EPConfig(StageConfig):
         "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file
     )
     extra_slots: int = 0  # replicate: expert slots per rank beyond ceil(E / ranks) (the memory budget)
+    expanded_m: int = 1  # expanded_drop / expanded_shadow: candidates per token on its own rank
     # replicate: the text EPLB plans on: train (an earlier window: stale) | eval (the served blocks:
     # fresh) | a corpus source (another domain: stale across a shift)
     calibration: str = "train"

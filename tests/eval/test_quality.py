@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -171,9 +173,28 @@ def test_cli_evaluate_under_expert_parallelism_matches_one_process_full_perplexi
     assert ep_full["perplexity"] == pytest.approx(one, rel=1e-4)
 
 
-def test_cli_evaluate_refuses_capacity_per_rank_without_ranks(tmp_path, blocks):
+def test_cli_evaluate_holds_capacity_per_simulated_device_and_needs_more_than_one(tmp_path, blocks):
     folder = saved_model(tmp_path, blocks)
-    result = CliRunner().invoke(
-        app, ["evaluate", str(folder), "--policies", "full,drop", "--capacity-scope", "rank"]
-    )
-    assert result.exit_code == 2 and "--ep N" in result.output
+    common = [
+        "evaluate",
+        str(folder),
+        "--policies",
+        "full,drop",
+        "--capacity",
+        "0.5",
+        "--capacity-scope",
+        "rank",
+    ]
+    one = CliRunner().invoke(app, [*common, "--devices", "1", "--out", str(tmp_path / "one")])
+    assert one.exit_code == 2 and "--devices N" in one.output
+    two = CliRunner().invoke(app, [*common, "--devices", "2", "--out", str(tmp_path / "two")])
+    assert two.exit_code == 0, two.output
+    rows = json.loads((tmp_path / "two" / "report.json").read_text())["rows"]
+    assert {r["policy"] for r in rows} == {"full", "drop"}
+
+
+def test_evaluate_takes_capacity_per_simulated_device_and_expanded_candidates(tmp_path):
+    from moe_understudy.config import EvalConfig
+
+    cfg = EvalConfig(capacity_scope="rank", num_devices=2, expanded_m=2, policies=("full", "expanded_drop"))
+    assert EvalConfig.from_yaml(cfg.to_yaml()) == cfg

@@ -180,6 +180,12 @@ def ep_evaluate(
             "stale), eval (the served blocks, EPLB fresh) or a corpus source (another domain)."
         ),
     ] = None,
+    expanded_m: Annotated[
+        int | None,
+        typer.Option(
+            help="expanded_drop / expanded_shadow: candidates per token on its own rank (default 1)."
+        ),
+    ] = None,
     data: DataOption = None,
     block_size: BlockSizeOption = None,
     max_blocks: Annotated[int | None, typer.Option(help="Held-out blocks evaluated over all ranks.")] = None,

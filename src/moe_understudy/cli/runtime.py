@@ -105,11 +105,16 @@ def evaluate(
         ),
     ] = 0,
     capacity_scope: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="With --ep: expert (capacity per expert) or rank (ceil(cf * tokens * k / ranks) per rank over all its experts)."
+            help="expert (capacity per expert, default) or rank (ceil(cf * tokens * k / ranks) per rank over all its "
+            "experts: the --ep ranks, or --devices simulated devices in one process)."
         ),
-    ] = "expert",
+    ] = None,
+    expanded_m: Annotated[
+        int | None,
+        typer.Option(help="expanded_drop / expanded_shadow: local candidates per token (default 1)."),
+    ] = None,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -121,13 +126,11 @@ def evaluate(
         EvalConfig,
         ctx.params,
         renames={"blocks": "max_blocks", "batch_size": "batch_sizes", "devices": "num_devices"},
-        ignore=("ep", "capacity_scope"),
+        ignore=("ep",),
         data_start=lambda: model_data(model, notice=data is None),
     )
-    if capacity_scope != "expert" and ep == 0:
-        raise UserError(f"--capacity-scope {capacity_scope} needs expert parallelism: add --ep N.")
     if ep > 0:
-        _evaluate_expert_parallel(cfg, ep, capacity_scope, device)
+        _evaluate_expert_parallel(cfg, ep, cfg.capacity_scope, device)
     else:
         run_evaluation(cfg, console)  # writes OUT/eval.yaml
 

@@ -210,7 +210,13 @@ def run_evaluation(cfg: EvalConfig, console: Console | None = None) -> dict[str,
             batch_size=batch_size,
             num_devices=cfg.num_devices,
             logit_bias=scenario.logit_bias,
-            runtime_options=dict(readmit=cfg.readmit, threshold=cfg.threshold, latency=cfg.latency),
+            runtime_options=dict(
+                readmit=cfg.readmit,
+                threshold=cfg.threshold,
+                latency=cfg.latency,
+                capacity_scope=cfg.capacity_scope,
+                expanded_m=cfg.expanded_m,
+            ),
         ):
             rows.append({"scenario": scenario.name, **row})
     out = Path(cfg.out)

@@ -135,7 +135,11 @@ def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
         summaries, all_records = [], {}
         for policy, cf in sweep_runs(cfg):
             runtime = RuntimeConfig(
-                policy=policy, capacity_factor=cf, priority=cfg.priority, capacity_scope=cfg.capacity_scope
+                policy=policy,
+                capacity_factor=cf,
+                priority=cfg.priority,
+                capacity_scope=cfg.capacity_scope,
+                expanded_m=cfg.expanded_m,
             )
             recorder = EPRecorder(rank, world)
             configure_ep(wrappers, runtime, recorder)
