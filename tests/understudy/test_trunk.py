@@ -105,3 +105,35 @@ def test_the_serving_focus_weighs_routed_pairs_by_how_often_they_overflow(tiny_l
     idx, w = focused._pairs(rows, torch.Generator().manual_seed(0))
     plain = rows["weights"].float()
     torch.testing.assert_close(w, plain * (0.1 + 0.9 * freq))
+
+
+def test_under_the_shadow_policy_the_trunk_serves_single_assignments_never_whole_tokens(
+    tiny_layer, routed_rows
+):
+    from moe_understudy.config import RuntimeConfig
+    from moe_understudy.runtime.layer import LoadAwareMoE
+    from moe_understudy.runtime.ledger import LoadRecorder
+
+    trunk = build_understudy("trunk", tiny_layer, seed=0, usage=torch.ones(E))
+    rec = LoadRecorder()
+    core = LoadAwareMoE(
+        tiny_layer, RuntimeConfig(policy="shadow", capacity_factor=0.5, priority="score"), trunk, rec
+    )
+    x = routed_rows(tiny_layer, n=64)["x"][None]
+    with torch.no_grad():
+        core(x)
+    step = rec.steps[0]
+    assert step.understudy == 0 and step.shadow > 0  # served assignment by assignment
+    assert step.expert + step.shadow == step.assignments  # every other assignment stays with its expert
+    assert step.degraded_tokens < step.tokens
+
+
+@pytest.mark.parametrize("preset", ["mixtral", "fine", "qwen3_moe", "mixtral-large"])
+def test_the_default_trunk_of_every_teacher_preset_holds_at_most_one_expert(preset):
+    from moe_understudy.moe.adapters import find_moe_layers
+    from moe_understudy.moe.presets import build_model, preset_config
+
+    layer = find_moe_layers(build_model(preset_config(preset, vocab_size=64, max_positions=16)))[0]
+    trunk = build_understudy("trunk", layer, seed=0, init="random")
+    assert trunk.memory_expert_equiv(layer.expert_params()) <= 1.0
+    assert trunk.flops_per_assignment() <= 0.5 * layer.expert_flops_per_token()
