@@ -67,7 +67,7 @@ def test_token_expansion_sends_a_token_id_to_the_same_sibling_in_every_sample():
 
 
 def test_sibling_split_keeps_parents_and_distinct_choices_and_is_fixed_per_token():
-    from moe_understudy.sim.traces import Expansion, SiblingSplit
+    from moe_understudy.sim.expansion import Expansion, SiblingSplit
 
     t = synthetic_trace(2, 2000, 8, 3, zipf=1.0, seed=3)
     split = SiblingSplit(Expansion(4, alpha=1.0, context=0.5, seed=0), 2, 8)
@@ -83,7 +83,7 @@ def test_sibling_split_keeps_parents_and_distinct_choices_and_is_fixed_per_token
 
 
 def test_equal_shares_keep_the_captured_skew_and_uneven_shares_add_to_it():
-    from moe_understudy.sim.traces import Expansion, SiblingSplit, mean_stats
+    from moe_understudy.sim.expansion import Expansion, SiblingSplit, mean_stats
 
     t = synthetic_trace(1, 8000, 8, 2, zipf=1.0, seed=1)
     base = mean_stats(t.indices, 8, 100)
@@ -95,7 +95,7 @@ def test_equal_shares_keep_the_captured_skew_and_uneven_shares_add_to_it():
 
 
 def test_expansion_fit_reproduces_the_captured_statistics_better_than_random_siblings():
-    from moe_understudy.sim.traces import fit_expansion
+    from moe_understudy.sim.expansion import fit_expansion
 
     t = synthetic_trace(2, 4096, 16, 4, zipf=1.2, seed=5)
     fit = fit_expansion(t, 2, 64, alphas=(0.5, 2.0, float("inf")), contexts=(0.0, 0.5))

@@ -19,6 +19,7 @@ from moe_understudy.runtime import exchange as xchg
 from moe_understudy.runtime.policies import expanded_candidates
 from moe_understudy.runtime.scenarios import hot_expert_bias
 from moe_understudy.sim.cost import exchange_layout_bytes, layer_cost
+from moe_understudy.sim.expansion import SiblingSplit
 from moe_understudy.sim.stream import Source, StreamConfig, stream
 from moe_understudy.sim.systems import (
     FRESH,
@@ -32,7 +33,7 @@ from moe_understudy.sim.systems import (
     plan_layer,
     topologies,
 )
-from moe_understudy.sim.traces import SiblingSplit, biased_routing, renormalises
+from moe_understudy.sim.traces import biased_routing, renormalises
 
 
 @dataclass(frozen=True)

@@ -22,19 +22,18 @@ from rich.console import Console
 
 from moe_understudy.config import ShiftSimConfig
 from moe_understudy.sim.cost import AssignmentStandInCost, expert_flops
-from moe_understudy.sim.replay import replay, summarize
-from moe_understudy.sim.stream import Source, StreamConfig
-from moe_understudy.sim.systems import build_systems
-from moe_understudy.sim.traces import (
+from moe_understudy.sim.expansion import (
     Expansion,
     ExpansionFit,
-    RoutingTrace,
     SiblingSplit,
-    capture_trace,
     expansion_dict,
     fit_expansion,
     mean_stats,
 )
+from moe_understudy.sim.replay import replay, summarize
+from moe_understudy.sim.stream import Source, StreamConfig
+from moe_understudy.sim.systems import build_systems
+from moe_understudy.sim.traces import RoutingTrace, capture_trace
 
 # Systems whose outputs are the full model's: they only move work (replicas are copies).
 EXACT = ("full", "eplb_fresh", "eplb_stale")
