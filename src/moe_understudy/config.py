@@ -129,8 +129,12 @@ class TeacherConfig(StageConfig):
     init_from: str | None = None  # start from this saved model's weights (a continued phase), not from scratch
     seed: int = 0
     save_at: tuple[int, ...] = ()  # steps after which a full save_pretrained snapshot goes to OUT/at-STEP/
+    # where the run trains and the dtype its forwards compute in (autocast); weights stay fp32 (precision.py)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
+        _canonical_dtypes(self, "dtype")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive.")
         if self.joint_in_loop_from is not None and self.joint_understudy is None:
@@ -204,6 +208,9 @@ class SFTConfig(StageConfig):
     eval_every: int = 100  # steps between validation ROUGE-L evaluations / checkpoints
     max_new_tokens: int = 64  # generation length for validation ROUGE-L
     seed: int = 0
+    # where the run trains and the dtype its forwards compute in (autocast); weights stay fp32 (precision.py)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
         _check_train_fields(self)
@@ -248,6 +255,9 @@ class KDConfig(StageConfig):
     eval_every: int = 100  # steps between validation ROUGE-L evaluations / checkpoints
     max_new_tokens: int = 64  # generation length for validation ROUGE-L
     seed: int = 0
+    # where the run trains and the dtype its forwards compute in (autocast); weights stay fp32 (precision.py)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
         _check_train_fields(self)
@@ -310,6 +320,7 @@ class RougeConfig(StageConfig):
 
 def _check_train_fields(cfg: SFTConfig | KDConfig) -> None:
     """Shared validation of the SFT/KD training fields."""
+    _canonical_dtypes(cfg, "dtype")
     if cfg.steps <= 0 or cfg.batch_size <= 0:
         raise ValueError("steps and batch_size must be positive.")
     if not 0 < cfg.max_prompt < cfg.max_total:
@@ -846,8 +857,12 @@ class DemoConfig(StageConfig):
     priority: str = "score"  # score (the literature's token drop) | position
     devices: int = 4  # devices tokens and experts live on: expanded_drop's locality and the byte ledger
     eval_blocks: int = 64  # held-out blocks of 128 tokens for the evaluation
+    # every stage's: the teacher trains (fp32 weights under autocast), captures, distils and is evaluated
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
+        _canonical_dtypes(self, "dtype")
         if self.capture_tokens <= 0 or self.distill_steps <= 0 or self.e2e_steps < 0 or self.eval_blocks <= 0:
             raise ValueError(
                 "capture_tokens, distill_steps and eval_blocks must be positive; e2e_steps >= 0."
