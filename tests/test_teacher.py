@@ -262,3 +262,79 @@ def test_in_loop_joint_training_needs_a_stand_in_and_init_from_a_saved_model(tmp
         quick_cfg(corpus_dir).replace(joint_in_loop_from=2)
     with pytest.raises(UserError, match="init-from"):
         train_teacher(quick_cfg(corpus_dir).replace(init_from=str(tmp_path / "nowhere")), tmp_path / "t")
+
+
+# ---- --dtype / --device: fp32 master weights, forwards under autocast --------------------------------
+
+NO_GPU = "no CUDA device here: the CUDA case of teacher training runs on a machine with a GPU"
+
+
+def _forward_dtypes(monkeypatch) -> list[tuple[torch.dtype, torch.dtype]]:
+    """(logits dtype, lm_head weight dtype) of every training forward of the next teacher built."""
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    real_build = teacher_mod.build_model
+
+    def build_and_watch(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        head = model.get_output_embeddings()
+        head.register_forward_hook(
+            lambda m, _i, out: seen.append((out.dtype, m.weight.dtype)) if m.training else None
+        )
+        return model
+
+    monkeypatch.setattr(teacher_mod, "build_model", build_and_watch)
+    return seen
+
+
+def test_teacher_trains_in_bfloat16_under_autocast_with_fp32_weights(tmp_path, corpus_dir, monkeypatch):
+    from safetensors.torch import load_file
+
+    cfg = quick_cfg(corpus_dir, steps=8).replace(dtype="bf16")
+    assert cfg.dtype == "bfloat16"  # the alias, written in full
+    seen = _forward_dtypes(monkeypatch)
+    out = tmp_path / "t"
+    result = train_teacher(cfg, out)
+
+    assert seen and set(seen) == {(torch.bfloat16, torch.float32)}  # bf16 compute, fp32 weights
+    assert 1 < result.val_perplexity < float("inf")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dtype"] == "bfloat16" and metrics["device"] == "cpu"
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+    assert "scaler" not in state  # bf16 needs no loss scaling
+    assert TeacherConfig.from_yaml(out / "teacher.yaml") == cfg
+    # the device is where the run trains, not what it trains: a resume may change it (auto is the cpu here)
+    more = train_teacher(cfg.replace(steps=10, device="auto"), out, resume=True)
+    assert more.steps == 10 and 1 < more.val_perplexity < float("inf")
+
+
+def test_teacher_float16_scales_the_loss_and_keeps_the_scale_in_its_checkpoint(tmp_path, corpus_dir):
+    out = tmp_path / "t"
+    result = train_teacher(quick_cfg(corpus_dir, steps=4).replace(dtype="float16", eval_every=4), out)
+    assert 1 < result.val_perplexity < float("inf")
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0
+
+
+def test_an_unknown_device_is_one_sentence_before_the_run_folder_exists(tmp_path, corpus_dir):
+    with pytest.raises(UserError, match=r"^Unknown device 'tpu9'; use cpu, cuda, cuda:N or auto\.$"):
+        train_teacher(quick_cfg(corpus_dir).replace(device="tpu9"), tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        quick_cfg(corpus_dir).replace(dtype="int8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+def test_teacher_trains_on_cuda_and_its_checkpoint_resumes_on_the_cpu(tmp_path, corpus_dir, monkeypatch):
+    cfg = quick_cfg(corpus_dir, steps=8).replace(device="cuda", dtype="bfloat16")
+    seen = _forward_dtypes(monkeypatch)
+    out = tmp_path / "t"
+    result = train_teacher(cfg, out)
+    assert set(seen) == {(torch.bfloat16, torch.float32)} and 1 < result.val_perplexity < float("inf")
+    assert json.loads((out / "metrics.json").read_text())["device"].startswith("cuda")
+    state = torch.load(out / "checkpoint" / "state.pt", weights_only=False)  # CPU copies: no map_location
+    assert all(s["exp_avg"].device.type == "cpu" for s in state["optimizer"]["state"].values())
+    more = train_teacher(cfg.replace(steps=10, device="cpu"), out, resume=True)
+    assert 1 < more.val_perplexity < float("inf")

@@ -4,11 +4,16 @@ Run folder layout (`out_dir`):
   teacher.yaml           the TeacherConfig of the run
   tokenizer files        BPE trained on the corpus (or the tokenizer given), transformers format
   blocks.pt              packed train/val token blocks, so a resumed run sees identical data
-  checkpoint/            last periodic checkpoint: model.safetensors + state.pt (optimiser, step, RNG)
+  checkpoint/            last periodic checkpoint: model.safetensors + state.pt (optimiser, step, RNG),
+                         written from CPU copies, so a run resumes on another --device
   at-STEP/               with `save_at`: the `save_pretrained` model + tokenizer when step STEP completed,
                          and its metrics.json (held-out perplexity then); written once, kept on resume
   config.json, model.safetensors   the final `save_pretrained` model (written at the end)
   metrics.json           held-out perplexity, tokens/s, expert-load imbalance, timings
+
+`--device` / `--dtype` (precision.py): the model, its optimiser state and each batch live on the
+device; the weights stay fp32 and every forward (training steps, held-out perplexity, the expert
+load) runs under autocast to the dtype, float16 with dynamic loss scaling. The saved model is fp32.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from moe_understudy.files import atomic_torch_save
 from moe_understudy.inspect_routing import routing_load
 from moe_understudy.moe.loading import CHECKPOINT_DIR
 from moe_understudy.moe.presets import build_model, preset_config
+from moe_understudy.precision import MixedPrecision, on_cpu, step_with_scaler
 from moe_understudy.schedule import warmup_cosine
 
 SNAPSHOT_PREFIX = "at-"
@@ -105,11 +111,11 @@ def _save_checkpoint(
     final = out_dir / CHECKPOINT_DIR
     tmp = out_dir / (CHECKPOINT_DIR + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    # Tied embeddings share storage; safetensors refuses shared tensors, so the clone above splits them.
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    # Tied embeddings share storage; safetensors refuses shared tensors, so the copy above splits them.
     save_file(state, str(tmp / "model.safetensors"))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state(), **extra},
+        {"optimizer": on_cpu(optimizer.state_dict()), "step": step, "rng": torch.get_rng_state(), **extra},
         tmp / "state.pt",
     )
     old = out_dir / (CHECKPOINT_DIR + ".old")
@@ -125,8 +131,8 @@ def _save_checkpoint(
 def _load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, out_dir: Path) -> tuple[int, dict]:
     ckpt = out_dir / CHECKPOINT_DIR
     model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
-    state = torch.load(ckpt / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])  # moves the state onto the parameters' device
     torch.set_rng_state(state["rng"])
     return int(state["step"]), state
 
@@ -161,8 +167,10 @@ def _save_run_tokenizer(tokenizer, dest: Path, out_dir: Path) -> None:
 
 def _check_resume_config(cfg: TeacherConfig, out_dir: Path) -> None:
     saved = TeacherConfig.from_yaml(out_dir / "teacher.yaml")
-    # steps, eval_every and save_at change what is written and when, not the training itself.
-    if saved.replace(steps=cfg.steps, eval_every=cfg.eval_every, save_at=cfg.save_at) != cfg:
+    # steps, eval_every and save_at change what is written and when, device where it runs, not the
+    # training itself (the checkpoint holds CPU copies).
+    same = saved.replace(steps=cfg.steps, eval_every=cfg.eval_every, save_at=cfg.save_at, device=cfg.device)
+    if same != cfg:
         raise UserError(
             f"{out_dir} holds a run with a different configuration; resume with the same options "
             f"(see {out_dir / 'teacher.yaml'}) or choose a new --out."
@@ -174,6 +182,7 @@ def train_teacher(
 ) -> TeacherResult:
     """Train the teacher described by `cfg` into `out_dir`; with `resume`, continue from its checkpoint."""
     console = console or Console(stderr=True)
+    precision = MixedPrecision.of(cfg.device, cfg.dtype)  # an unknown device: one sentence, before any work
     out_dir = Path(out_dir)
     has_ckpt = (out_dir / CHECKPOINT_DIR / "state.pt").exists()
     if resume and has_ckpt:
@@ -196,9 +205,14 @@ def train_teacher(
     if cfg.init_from:
         _load_initial_weights(model, cfg.init_from)
     joint = _joint_understudies(model, cfg)
+    model.to(precision.device)  # fp32 master weights; the forwards run under precision.autocast()
+    if joint is not None:
+        joint.to(precision.device)
     serving = _InLoopOverflow(model, joint, cfg) if cfg.joint_in_loop_from is not None else None
     params = list(model.parameters()) + ([] if joint is None else list(joint.parameters()))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    scaler = precision.scaler()
+    groups = [list(model.parameters())] + ([] if joint is None else [list(joint.parameters())])
 
     start, elapsed = 0, 0.0
     if resume and has_ckpt:
@@ -208,6 +222,9 @@ def train_teacher(
             joint.load_state_dict(state["joint"])
         if serving is not None and "in_loop_rng" in state:
             serving.gen.set_state(state["in_loop_rng"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        precision.set_rng_state(state)
         console.print(f"resuming from step {start} ({out_dir / CHECKPOINT_DIR})")
         missed = [
             s for s in cfg.save_at if s <= start and not (snapshot_dir(out_dir, s) / "config.json").exists()
@@ -239,34 +256,36 @@ def train_teacher(
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
             ids = train_blocks[batch_indices(step, len(train_blocks), cfg.batch_size, cfg.seed)]
+            ids = ids.to(precision.device)  # CPU indices into the CPU blocks, then the batch moves
             handle = serving.patch(step) if serving is not None else None
-            out = model(input_ids=ids, labels=ids)
-            loss = out.loss
-            if joint is not None:
-                loss = loss + cfg.joint_weight * joint.loss()
+            with precision.autocast():
+                out = model(input_ids=ids, labels=ids)
+                loss = out.loss
+                if joint is not None:
+                    loss = loss + cfg.joint_weight * joint.loss()
             if not torch.isfinite(loss):
                 raise UserError(
                     f"Training loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr}) and rerun with "
                     f"--resume to continue from the last checkpoint in {out_dir / CHECKPOINT_DIR}."
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if handle is not None:
                 handle.unpatch()  # checkpoints, snapshots and held-out checks see the plain model
             # Clipped apart: the joint understudies' gradients must not rescale the teacher's.
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if joint is not None:
-                torch.nn.utils.clip_grad_norm_(joint.parameters(), cfg.grad_clip)
-            optimizer.step()
+            step_with_scaler(scaler, optimizer, cfg.grad_clip, *groups)
             done = step + 1
             run_time = elapsed + time.perf_counter() - t0
             tps = (done - start) * tokens_per_step / max(1e-9, time.perf_counter() - t0)
             evaluated = done % cfg.eval_every == 0 or done == cfg.steps
             if evaluated:
-                val_ppl = perplexity(model, val_blocks, cfg.batch_size)
-                extra = {"elapsed": run_time, "val_ppl": val_ppl}
+                with precision.autocast():
+                    val_ppl = perplexity(model, val_blocks, cfg.batch_size)
+                extra = {"elapsed": run_time, "val_ppl": val_ppl, **precision.rng_state()}
+                if scaler.is_enabled():
+                    extra["scaler"] = scaler.state_dict()
                 if joint is not None:
-                    extra["joint"] = joint.state_dict()
+                    extra["joint"] = on_cpu(joint.state_dict())
                 if serving is not None:
                     extra["in_loop_rng"] = serving.gen.get_state()
                 _save_checkpoint(model, optimizer, done, extra, out_dir)
@@ -274,7 +293,10 @@ def train_teacher(
                     f"step {done}/{cfg.steps}: loss {out.loss.item():.3f}, held-out perplexity {val_ppl:.2f}, checkpoint saved"
                 )
             if done in cfg.save_at and not (snapshot_dir(out_dir, done) / "config.json").exists():
-                snap_ppl = val_ppl if evaluated else perplexity(model, val_blocks, cfg.batch_size)
+                snap_ppl = val_ppl
+                if not evaluated:
+                    with precision.autocast():
+                        snap_ppl = perplexity(model, val_blocks, cfg.batch_size)
                 snap_metrics = {
                     "val_perplexity": round(snap_ppl, 3),
                     "train_tokens": done * tokens_per_step,
@@ -290,12 +312,13 @@ def train_teacher(
         tokenizer.save_pretrained(out_dir)
     if joint is not None:
         joint.save(out_dir / "understudies")
-    with console.status("measuring expert load on held-out text"):
+    with console.status("measuring expert load on held-out text"), torch.no_grad(), precision.autocast():
         load = routing_load(model, val_blocks, batch_size=8)
+        final_ppl = perplexity(model, val_blocks, cfg.batch_size)
     trained_tokens = (cfg.steps - start) * tokens_per_step
     result = TeacherResult(
         out_dir=out_dir,
-        val_perplexity=perplexity(model, val_blocks, cfg.batch_size),
+        val_perplexity=final_ppl,
         tokens_per_second=trained_tokens / max(1e-9, train_seconds - elapsed),
         max_over_mean_per_batch=[round(v, 3) for v in load.mean_batch_ratio().tolist()],
         train_seconds=train_seconds,
@@ -310,6 +333,8 @@ def train_teacher(
         "expert_load": load.to_dict(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": str(precision.device),
+        "dtype": precision.name,
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return result
