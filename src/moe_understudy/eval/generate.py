@@ -97,9 +97,9 @@ def generate_responses(
     eos = int(tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     out: list[str] = [""] * len(prompts)
-    cpu_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    # the callers' training randomness is not disturbed: the CPU's and the model's CUDA generator come back
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             ids, att = prompt_ids_batch([prompts[i] for i in idx], tokenizer, max_prompt=max_prompt)
@@ -117,6 +117,4 @@ def generate_responses(
             )
             for i, text in zip(idx, decode_responses(tokenizer, new.cpu(), mask.cpu()), strict=True):
                 out[i] = text
-    finally:
-        torch.random.set_rng_state(cpu_state)  # callers' training randomness is not disturbed
     return out

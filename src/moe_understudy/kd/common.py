@@ -9,6 +9,12 @@ Compute is counted where it happens, never derived from the configuration: `coun
 `optimizer_steps` (a post-step hook on the student optimiser) and `teacher_forwards` (sequences the
 distillation teacher ran a forward pass over; the KD recipe counts them with a forward hook, SFT has
 no teacher). They go into every history record, the checkpoint and the summary.
+
+`--device` / `--dtype` (`self.precision`, precision.py): the models, the optimiser state and each
+batch live on the device; the trained weights stay fp32 and every forward (steps, sampling,
+validation generation) runs under `precision.autocast()`; float16 scales the loss (`self.scaler`;
+a step whose gradients overflow is skipped, and `optimizer_steps` counts only the steps taken).
+Checkpoints hold CPU copies, so a run resumes on another device.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from moe_understudy.data.packing import IGNORE_INDEX, collate_instructions, enco
 from moe_understudy.errors import UserError
 from moe_understudy.eval.rouge import rouge_over_seeds
 from moe_understudy.files import atomic_torch_save
+from moe_understudy.precision import MixedPrecision, on_cpu
 from moe_understudy.schedule import warmup_cosine
 
 CHECKPOINT_DIR = "checkpoint"  # resumable training state inside the run folder
@@ -174,9 +181,14 @@ class InstructionRecipe:
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch (built on the CPU) on the run's device."""
+        return {k: v.to(self.precision.device) for k, v in batch.items()}
+
     # -- setup --
     def setup(self) -> InstructionRecipe:
         cfg = self.cfg
+        self.precision = MixedPrecision.of(cfg.device, cfg.dtype)  # unknown device: one sentence, first
         torch.manual_seed(cfg.seed)
         ckpt = self.out_dir / CHECKPOINT_DIR / STATE_FILE
         if self.out_dir.exists() and any(self.out_dir.iterdir()) and not self.resume:
@@ -186,6 +198,7 @@ class InstructionRecipe:
                 )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._setup_models()
+        self.model.to(self.precision.device)  # fp32 master weights (the forwards autocast)
         self.train_examples, self.val_examples = train_val_examples(
             cfg.data, cfg.fmt, cfg.val_data, cfg.val_examples, cfg.max_examples, cfg.seed
         )
@@ -193,6 +206,7 @@ class InstructionRecipe:
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
         )
         self.optimizer.register_step_post_hook(lambda *_: self._count("optimizer_steps"))
+        self.scaler = self.precision.scaler()
         if self.resume and ckpt.exists():
             self._load_checkpoint(ckpt)
         cfg.to_yaml(self.out_dir / f"{self.kind}.yaml")
@@ -200,12 +214,17 @@ class InstructionRecipe:
 
     def _load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["config"] != self.cfg.to_dict():
+        # An older run's config gets the new fields' defaults; the device may change (CPU copies).
+        saved = type(self.cfg).from_dict(state["config"])
+        if saved.replace(device=self.cfg.device) != self.cfg:
             raise UserError(
                 f"{self.out_dir} was started with a different configuration; resume with the same options or use another --out."
             )
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # onto the parameters' device
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.precision.set_rng_state(state)
         self.start_step = state["step"]
         self.best_rouge = state["best_rouge"]
         self.history = state["history"]
@@ -221,15 +240,18 @@ class InstructionRecipe:
         path.mkdir(exist_ok=True)
         state = {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": on_cpu(self.model.state_dict()),
+            "optimizer": on_cpu(self.optimizer.state_dict()),
             "step": step,
             "best_rouge": self.best_rouge,
             "history": self.history,
             "rng": torch.random.get_rng_state(),
             "counters": dict(self.counters),
             "extra": self._extra_state(),
+            **self.precision.rng_state(),
         }
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
         atomic_torch_save(state, path / STATE_FILE)
 
     def _save_best(self) -> None:
@@ -269,9 +291,10 @@ class InstructionRecipe:
 
     def _evaluate_and_keep(self) -> float:
         cfg = self.cfg
-        rouge = validation_rouge(
-            self.model, self.tokenizer, self.val_examples, cfg.max_new_tokens, cfg.max_prompt
-        )
+        with self.precision.autocast():
+            rouge = validation_rouge(
+                self.model, self.tokenizer, self.val_examples, cfg.max_new_tokens, cfg.max_prompt
+            )
         self.model.train()
         # Without validation data every evaluation replaces the saved model (the last one is kept).
         if math.isnan(rouge) or rouge > self.best_rouge:

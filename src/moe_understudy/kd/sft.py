@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from moe_understudy.config import SFTConfig
@@ -20,6 +19,7 @@ from moe_understudy.data.tokenizer import load_tokenizer, train_bpe
 from moe_understudy.errors import UserError
 from moe_understudy.kd.common import InstructionRecipe, dataset_batch, is_moe_config, set_special_tokens
 from moe_understudy.moe.presets import PRESETS, build_model, preset_config
+from moe_understudy.precision import step_with_scaler
 
 
 def model_for(name: str, tokenizer, max_positions: int, seed: int):
@@ -61,17 +61,17 @@ class SFTRecipe(InstructionRecipe):
 
     def _train_step(self, step: int, examples) -> dict[str, float]:
         cfg: SFTConfig = self.cfg
-        batch = dataset_batch(examples, self.tokenizer, cfg.max_prompt, cfg.max_total)
+        batch = self.to_device(dataset_batch(examples, self.tokenizer, cfg.max_prompt, cfg.max_total))
         moe = is_moe_config(self.model)
-        out = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            **({"output_router_logits": True} if moe else {}),
-        )
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        with self.precision.autocast():
+            out = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                **({"output_router_logits": True} if moe else {}),
+            )
+        self.scaler.scale(out.loss).backward()
+        step_with_scaler(self.scaler, self.optimizer, cfg.grad_clip, list(self.model.parameters()))
         self.optimizer.zero_grad(set_to_none=True)
         terms = {"loss": float(out.loss.detach())}
         if moe and getattr(out, "aux_loss", None) is not None:

@@ -35,6 +35,11 @@ is why the extra passes go to new inputs. Counts are taken where they happen (`c
 `optimizer_steps` by a hook on the student optimiser, `teacher_forwards` (sequences) by a forward
 hook on the teacher, `router_optimizer_steps` (SAR) where the router optimiser steps. A teacher
 forward is counted whatever it costs: ALL and SAR run all N experts and KA N-1, native routing top-k.
+
+Device and dtype: the teacher and the student live on `--device` in fp32 (the student's master
+weights; the teacher's routers are SAR's) and every forward, the student's sampling included, runs
+under autocast to `--dtype` (see kd/common.py). The KA / exploration generator stays on the CPU
+(kd/teachers.py draws there and moves the choices), so its draws are the same on every device.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from moe_understudy.kd.common import InstructionRecipe, dataset_batch, lm_logits
 from moe_understudy.kd.teachers import RoutingRecorder, router_parameters, routing_mode
 from moe_understudy.moe.adapters import UnsupportedModelError, find_moe_layers
 from moe_understudy.moe.presets import PRESETS
+from moe_understudy.precision import MixedPrecision, on_cpu, step_with_scaler
 
 TEACHER_MODES = {"kd": None, "gkd": None, "all": "all", "ka": "ka", "sar": "all", "bdistill": "explore"}
 
@@ -100,6 +106,8 @@ def sar_router_step(
     router_optimizer: torch.optim.Optimizer,
     beta: float,
     vocab: int,
+    precision: MixedPrecision | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """SAR router step: with all experts active, move only the teacher's routers toward the fixed student.
 
@@ -116,29 +124,38 @@ def sar_router_step(
     which computes sum softmax(teacher) * (log_softmax(teacher) - log_softmax(student)), plus the
     LLaMA-MoE gate's balance_loss (CV^2 of importance + load, weight 1e-2), on the student's samples.
     `router_optimizer` must hold the router parameters only; every other teacher parameter is
-    expected frozen (requires_grad False), the student is not touched.
+    expected frozen (requires_grad False), the student is not touched. `precision` runs the forwards
+    under its autocast, `scaler` (float16) scales the loss of this optimiser's own step.
     """
     ids, att, target = batch["input_ids"], batch["attention_mask"], batch["target_mask"]
-    with torch.no_grad():
-        s_logits = _selected(lm_logits(student, ids, att), target, vocab)
-    rec = RoutingRecorder()
-    with routing_mode(teacher, "all", rec):
-        t_logits = _selected(lm_logits(teacher, ids, att), target, vocab)
-    kl = losses.forward_kl(s_logits, t_logits)  # KL(teacher || student); gradient reaches the routers only
-    tokens = att.reshape(-1).bool()
-    scores = router_scores(teacher)
-    balance = torch.stack(
-        [
-            losses.load_balancing_loss(
-                rec.logits(layer), rec.native_indices(layer), tokens, scores=scores[layer]
-            )
-            for layer in rec.layers()
-        ]
-    ).mean()
-    loss = kl + beta * balance
+    with contextlib.nullcontext() if precision is None else precision.autocast():
+        with torch.no_grad():
+            s_logits = _selected(lm_logits(student, ids, att), target, vocab)
+        rec = RoutingRecorder()
+        with routing_mode(teacher, "all", rec):
+            t_logits = _selected(lm_logits(teacher, ids, att), target, vocab)
+        kl = losses.forward_kl(
+            s_logits, t_logits
+        )  # KL(teacher || student); gradient reaches the routers only
+        tokens = att.reshape(-1).bool()
+        scores = router_scores(teacher)
+        balance = torch.stack(
+            [
+                losses.load_balancing_loss(
+                    rec.logits(layer), rec.native_indices(layer), tokens, scores=scores[layer]
+                )
+                for layer in rec.layers()
+            ]
+        ).mean()
+        loss = kl + beta * balance
     router_optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    router_optimizer.step()
+    if scaler is None:
+        loss.backward()
+        router_optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(router_optimizer)  # unscales first; skipped when a gradient overflowed
+        scaler.update()
     router_optimizer.zero_grad(set_to_none=True)
     return {"router_kl": float(kl.detach()), "balance": float(balance.detach())}
 
@@ -154,7 +171,8 @@ class KDRecipe(InstructionRecipe):
         from moe_understudy.moe.loading import load_model_and_tokenizer
 
         cfg: KDConfig = self.cfg
-        self.teacher, self.tokenizer = load_model_and_tokenizer(cfg.teacher)
+        # fp32 on the run's device: under autocast it computes in --dtype, and SAR trains its routers
+        self.teacher, self.tokenizer = load_model_and_tokenizer(cfg.teacher, device=self.precision.device)
         try:
             find_moe_layers(self.teacher)
         except UnsupportedModelError as err:
@@ -195,6 +213,7 @@ class KDRecipe(InstructionRecipe):
             for p in params:
                 p.requires_grad_(True)
             self.router_optimizer = torch.optim.AdamW(params, lr=cfg.sar_lr, weight_decay=0.0)
+            self.router_scaler = self.precision.scaler()  # its own: the router step is a step of its own
             self.router_optimizer.register_step_post_hook(lambda *_: self._count("router_optimizer_steps"))
             self.counters["router_optimizer_steps"] = 0
         self.teacher.register_forward_hook(self._count_teacher_forward, with_kwargs=True)
@@ -213,11 +232,14 @@ class KDRecipe(InstructionRecipe):
     def _extra_state(self) -> dict:
         if self.router_optimizer is None:
             return {"generator": self.generator.get_state()}
-        return {
+        extra = {
             "generator": self.generator.get_state(),
-            "routers": [p.detach().clone() for p in router_parameters(self.teacher)],
-            "router_optimizer": self.router_optimizer.state_dict(),
+            "routers": [p.detach().to("cpu", copy=True) for p in router_parameters(self.teacher)],
+            "router_optimizer": on_cpu(self.router_optimizer.state_dict()),
         }
+        if self.router_scaler.is_enabled():
+            extra["router_scaler"] = self.router_scaler.state_dict()
+        return extra
 
     def _load_extra_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
@@ -226,6 +248,8 @@ class KDRecipe(InstructionRecipe):
                 for p, saved in zip(router_parameters(self.teacher), state["routers"], strict=True):
                     p.copy_(saved)
             self.router_optimizer.load_state_dict(state["router_optimizer"])
+            if "router_scaler" in state:
+                self.router_scaler.load_state_dict(state["router_scaler"])
 
     # ---- batches --------------------------------------------------------------------------
     def _batch(self, examples) -> dict[str, torch.Tensor]:
@@ -233,13 +257,14 @@ class KDRecipe(InstructionRecipe):
         cfg: KDConfig = self.cfg
         if cfg.method == "kd" or not cfg.on_policy:
             batch = dataset_batch(examples, self.tokenizer, cfg.max_prompt, cfg.max_total)
-            return {k: batch[k] for k in ("input_ids", "attention_mask", "target_mask")}
+            return self.to_device({k: batch[k] for k in ("input_ids", "attention_mask", "target_mask")})
         return self._student_batch([e.prompt for e in examples])
 
     def _student_batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Left-padded prompts + the student's sampled responses (temperature 1, no top-k/p)."""
         cfg: KDConfig = self.cfg
         ids, att = prompt_ids_batch(prompts, self.tokenizer, max_prompt=cfg.max_prompt)
+        ids, att = ids.to(self.precision.device), att.to(self.precision.device)
         budget = max(1, min(cfg.gen_max_new_tokens, cfg.max_total - ids.shape[1]))
         eos = int(self.tokenizer.eos_token_id)
         new, mask = sample_continuations(
@@ -307,7 +332,7 @@ class KDRecipe(InstructionRecipe):
     def _router_terms(self, t_rec: RoutingRecorder, s_rec: RoutingRecorder, tokens: torch.Tensor):
         """B-Distill: summed router KL to the aligned teacher layer and entropy-floor penalty."""
         t_layers, s_layers = t_rec.layers(), s_rec.layers()
-        kl = floor = torch.zeros(())
+        kl = floor = torch.zeros((), device=tokens.device)
         for j, s_layer in enumerate(s_layers):
             s_logits = s_rec.logits(s_layer)  # (T, E_S)
             e_s = s_logits.shape[-1]
@@ -320,7 +345,14 @@ class KDRecipe(InstructionRecipe):
 
     def _router_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         return sar_router_step(
-            self.teacher, self.model, batch, self.router_optimizer, self.cfg.sar_beta, self.vocab
+            self.teacher,
+            self.model,
+            batch,
+            self.router_optimizer,
+            self.cfg.sar_beta,
+            self.vocab,
+            precision=self.precision,
+            scaler=self.router_scaler,
         )
 
     # ---- one step -------------------------------------------------------------------------
@@ -332,15 +364,16 @@ class KDRecipe(InstructionRecipe):
         logged: dict[str, float] = {}
         sums: dict[str, float] = {}
         for i in range(m):
-            batch = self._batch(examples[i * b : (i + 1) * b])
+            with self.precision.autocast():  # the student's sampling too
+                batch = self._batch(examples[i * b : (i + 1) * b])
             if cfg.method == "sar":
                 logged.update(self._router_step(batch))
-            terms = self._loss_step(batch)
-            (terms["loss"] / m).backward()
+            with self.precision.autocast():
+                terms = self._loss_step(batch)
+            self.scaler.scale(terms["loss"] / m).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / m
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        step_with_scaler(self.scaler, self.optimizer, cfg.grad_clip, list(self.model.parameters()))
         self.optimizer.zero_grad(set_to_none=True)
         logged.update(sums)
         return logged
