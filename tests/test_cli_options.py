@@ -188,11 +188,31 @@ def test_ep_replicate_placement_calibrates_on_the_users_data_without_cached_bloc
 
 
 RUNS_A_MODEL = ("inspect", "capture", "distill", "replace-eval", "evaluate", "simulate", "ep", "rouge")
+TRAINS_A_MODEL = ("teacher", "sft", "kd", "demo")  # fp32 weights, forwards under autocast to --dtype
 
 
-@pytest.mark.parametrize("command", ["teacher", *RUNS_A_MODEL, "demo", "sft", "kd"])
+@pytest.mark.parametrize("command", [*TRAINS_A_MODEL, *RUNS_A_MODEL])
 def test_every_command_takes_config_and_debug_and_the_model_runners_dtype_and_device(command):
     result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERM": "dumb"})
     assert result.exit_code == 0, result.output
-    flags = {"--config", "--debug"} | ({"--dtype", "--device"} if command in RUNS_A_MODEL else set())
-    assert flags <= set(result.output.replace("│", " ").split()), command
+    assert {"--config", "--debug", "--dtype", "--device"} <= set(result.output.replace("│", " ").split()), (
+        command
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["teacher", "--quick"],
+        ["sft", "--data", "rows.jsonl"],
+        ["kd", "--data", "rows.jsonl", "--teacher", "t"],
+        ["demo", "--quick"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_the_training_commands_refuse_an_unknown_device_in_one_sentence_before_writing(tmp_path, args):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--device", "tpu9"])
+    assert result.exit_code == 2, result.output
+    assert said(result) == "error: Unknown device 'tpu9'; use cpu, cuda, cuda:N or auto."
+    assert not out.exists()

@@ -28,3 +28,40 @@ def test_quick_demo_runs_every_stage_and_reuses_them_on_rerun(tmp_path, monkeypa
         and "reusing the capture store" in text
         and "reusing the understudies" in text
     )
+
+
+def test_demo_passes_its_device_and_dtype_to_every_stage(tmp_path, monkeypatch):
+    from importlib import import_module
+
+    from moe_understudy.config import DemoConfig
+    from moe_understudy.demo import run_demo
+
+    seen = {}
+
+    def record(stage, result=None):
+        def run(cfg, *args, **kwargs):
+            seen[stage] = cfg
+            return result
+
+        return run
+
+    # the modules themselves (the package also exports functions named like some of them)
+    stages = {
+        "teacher": ("moe_understudy.teacher", "train_teacher", None),
+        "capture": ("moe_understudy.capture", "run_capture", None),
+        "distill": ("moe_understudy.understudy.distill", "run_distill", None),
+        "evaluate": ("moe_understudy.eval.quality", "run_evaluation", {"json": "r.json", "png": "r.png"}),
+    }
+    for stage, (module, name, result) in stages.items():
+        monkeypatch.setattr(import_module(module), name, record(stage, result))
+    cfg = DemoConfig(out=str(tmp_path / "demo"), quick=True, dtype="bf16", device="auto")
+    run_demo(cfg)
+    assert seen["teacher"].dtype == "bfloat16" and seen["teacher"].device == "auto"
+    assert (seen["capture"].model_dtype, seen["capture"].dtype, seen["capture"].device) == (
+        "bfloat16",
+        "bfloat16",
+        "auto",
+    )
+    for stage in ("distill", "evaluate"):
+        assert (seen[stage].dtype, seen[stage].device) == ("bfloat16", "auto"), stage
+    assert DemoConfig.from_yaml(tmp_path / "demo" / "demo.yaml") == cfg

@@ -3,7 +3,10 @@
 teacher (train, resume, or reuse) -> capture -> layer-wise (+ optional end-to-end) distillation of
 the gated trunk -> quality under load beside score-priority token drop and expanded drop -> report
 (table, JSON, plot). A rerun after an
-interruption picks up where the last finished stage left off.
+interruption picks up where the last finished stage left off. `device` and `dtype` go to every
+stage: the teacher trains on the device under autocast to the dtype (fp32 weights), capture runs
+the model in the dtype and stores it (as `capture --dtype` does), distillation and the evaluation
+run the model in it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from moe_understudy.config import (
 
 
 def demo_teacher_config(cfg: DemoConfig) -> TeacherConfig:
-    return TeacherConfig.quick() if cfg.quick else TeacherConfig()
+    base = TeacherConfig.quick() if cfg.quick else TeacherConfig()
+    return base.replace(device=cfg.device, dtype=cfg.dtype)
 
 
 def _quick_e2e(data, steps: int) -> EndToEndConfig:
@@ -42,10 +46,12 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) every stage of the pipeline into `cfg.out`; return the evaluation rows and paths."""
     from moe_understudy.capture import CaptureStore, run_capture
     from moe_understudy.eval.quality import run_evaluation
+    from moe_understudy.moe.loading import resolve_device
     from moe_understudy.teacher import train_teacher
     from moe_understudy.understudy.distill import run_distill
 
     console = console or Console(stderr=True)
+    resolve_device(cfg.device)  # an unknown device is one sentence before any stage starts
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "demo.yaml")
@@ -77,6 +83,9 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
                 data=data,
                 tokens=capture_tokens,
                 val_tokens=val_tokens,
+                device=cfg.device,
+                model_dtype=cfg.dtype,
+                dtype=cfg.dtype,
             ),
             console=console,
         )
@@ -96,6 +105,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
         batch_tokens=512,
         eval_every=10 if cfg.quick else 100,
         e2e=_quick_e2e(data, e2e_steps) if cfg.quick else EndToEndConfig(steps=e2e_steps, data=data),
+        device=cfg.device,
+        dtype=cfg.dtype,
     )
     if (understudy_dir / "report.json").exists():
         console.print(f"reusing the understudies in {understudy_dir}")
@@ -116,6 +127,8 @@ def run_demo(cfg: DemoConfig, console: Console | None = None) -> dict[str, Any]:
             data=data,
             max_blocks=8 if cfg.quick else cfg.eval_blocks,
             batch_sizes=(4,) if cfg.quick else (8,),
+            device=cfg.device,
+            dtype=cfg.dtype,
         ),
         console=console,
     )

@@ -88,6 +88,14 @@ DtypeOption = Annotated[
     str | None,
     typer.Option(help="The model's dtype: float32 (default), bfloat16 or float16; stand-ins follow it."),
 ]
+TrainDtypeOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dtype",
+        help="The dtype training computes in, under autocast: float32 (default), bfloat16 or float16 (with loss "
+        "scaling); the weights stay fp32 and are saved so.",
+    ),
+]
 ConfigOption = Annotated[
     Path | None,
     typer.Option(

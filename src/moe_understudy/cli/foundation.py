@@ -19,6 +19,7 @@ from moe_understudy.cli.common import (
     ModelArgument,
     ResumeOption,
     SeedOption,
+    TrainDtypeOption,
     app,
     configure,
     console,
@@ -101,6 +102,8 @@ def teacher(
         ),
     ] = None,
     seed: SeedOption = None,
+    device: DeviceOption = None,
+    dtype: TrainDtypeOption = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="Seconds-long run on a tiny preset (for tests and smoke checks).")
     ] = False,

@@ -197,6 +197,14 @@ def demo(
     quick: Annotated[
         bool | None, typer.Option("--quick", help="Seconds-long smoke run on the quick preset.")
     ] = None,
+    device: DeviceOption = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Every stage's dtype: float32 (default), bfloat16 or float16; the teacher trains under autocast "
+            "to it (fp32 weights), capture, distil and evaluate run the model in it."
+        ),
+    ] = None,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:
