@@ -901,8 +901,10 @@ class ServeConfig(StageConfig):
     noise_floor: bool = True  # decode: also run the unpatched model with another batch composition
     bf16_floor: bool = True  # ... and in bfloat16
     device: str = "cpu"
+    dtype: str = "float32"  # the model's dtype: float32 | bfloat16 | float16 (stand-ins follow it)
 
     def __post_init__(self) -> None:
+        _canonical_dtypes(self, "dtype")
         _check_sweep(self)
         if self.prompts < 1:
             raise ValueError(f"serve-eval needs at least one prompt; got prompts = {self.prompts}.")

@@ -12,6 +12,7 @@ from moe_understudy.cli.common import (
     ConfigOption,
     DebugOption,
     DeviceOption,
+    DtypeOption,
     ModelArgument,
     PoliciesOption,
     PriorityOption,
@@ -84,6 +85,7 @@ def serve_eval(
         typer.Option(help="Report folder: report.json, report.png and serve.yaml (default runs/serve)."),
     ] = None,
     device: DeviceOption = None,
+    dtype: DtypeOption = None,
     config: ConfigOption = None,
     debug: DebugOption = False,
 ) -> None:

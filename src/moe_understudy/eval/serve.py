@@ -175,7 +175,7 @@ def run_serve(cfg: ServeConfig, console: Console | None = None) -> dict[str, Any
 
     console = console or Console(stderr=True)
     _refuse_preset_name(cfg.model)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.device, dtype=cfg.dtype)
     layers = find_moe_layers(model)  # a model without MoE layers stops here, in one sentence
     understudies = None
     if cfg.understudies:
