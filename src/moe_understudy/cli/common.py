@@ -145,9 +145,9 @@ def user_errors(fn):
             if kwargs.get("debug"):
                 raise
             if isinstance(err, UserError):
-                console.print(f"[bold red]error:[/] {err}", highlight=False)
+                console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
                 sys.exit(2)
-            console.print(f"[bold red]error:[/] {one_sentence(err)}", highlight=False)
+            console.print(f"[bold red]error:[/] {one_sentence(err)}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
     return wrapper
