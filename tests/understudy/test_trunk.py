@@ -95,6 +95,33 @@ def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(tiny_la
     torch.testing.assert_close(trunk.pair_outputs(rows["x"], rows["indices"]), generic, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("film", [True, False])
+def test_serving_a_mix_of_assignments_equals_the_weighted_per_pair_outputs_in_value_and_gradient(
+    tiny_layer, routed_rows, film
+):
+    trunk = build_understudy("trunk", tiny_layer, seed=0, film=film, init="random")
+    with torch.no_grad():
+        trunk.scale.uniform_(0.5, 1.5)
+        if film:
+            trunk.shift.normal_()
+    rows = routed_rows(tiny_layer, n=16)
+    indices = rows["indices"].clone()
+    indices[::3, 0] = E  # some slots skipped, as the shadow policy hands them over
+    x = rows["x"].clone().requires_grad_(True)
+    served = trunk(x, indices, rows["weights"])
+    kept = (indices < E).to(x.dtype)[..., None]
+    pairs = trunk.pair_outputs(x, indices.clamp(max=E - 1))
+    reference = (pairs * (rows["weights"][..., None] * kept)).sum(1)
+    torch.testing.assert_close(served, reference, rtol=1e-5, atol=1e-6)
+    params = [x, *trunk.parameters()]
+    for got, want in zip(
+        torch.autograd.grad(served.square().sum(), params),
+        torch.autograd.grad(reference.square().sum(), params),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_the_serving_focus_weighs_routed_pairs_by_how_often_they_overflow(tiny_layer, routed_rows):
     rows = routed_rows(tiny_layer, n=256)
     focused = AssignmentObjective(tiny_layer, extra=0, serving=(0.5, 1.0), batch_rows=64)

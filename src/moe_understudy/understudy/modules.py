@@ -214,15 +214,24 @@ class Shadows(AssignmentStandIn):
         return F.linear(F.linear(x, self.inp[e]), self.out[e])
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """x (T, H), indices/weights (T, k) -> (T, H); an index equal to num_experts is skipped."""
+        """x (T, H), indices/weights (T, k) -> (T, H); an index equal to num_experts is skipped.
+
+        The served pairs are sorted by expert once and each shadow runs on its contiguous slice
+        (one host sync for the counts, one scatter at the end), as grouped-GEMM MoE kernels do.
+        """
+        k = indices.shape[1]
+        flat = indices.reshape(-1)
+        pairs = (flat < self.num_experts).nonzero().squeeze(1)
         out = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            token, slot = torch.where(indices == e)
-            if token.numel():
-                out = out.index_add(
-                    0, token, self._expert(x[token], e) * weights[token, slot, None].to(x.dtype)
-                )
-        return out
+        if pairs.numel() == 0:
+            return out
+        experts, order = flat.index_select(0, pairs).sort(stable=True)
+        pairs = pairs.index_select(0, order)
+        tokens = pairs // k
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
+        slices = x.index_select(0, tokens).split(counts)
+        y = torch.cat([self._expert(rows, e) for e, rows in enumerate(slices) if rows.shape[0]])
+        return out.index_add_(0, tokens, y * weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None])
 
     def flops_per_assignment(self) -> int:
         per = 3 if self.kind == "swiglu" else 2
@@ -270,17 +279,33 @@ class GatedTrunk(AssignmentStandIn):
         return self.width
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """x (T, H), indices/weights (T, k) -> (T, H) weighted sum over assignments; index E is skipped."""
-        valid = indices < self.num_experts  # (T, k)
-        rows = valid.any(-1).nonzero().squeeze(1)
+        """x (T, H), indices/weights (T, k) -> (T, H) weighted sum over assignments; index E is skipped.
+
+        Works on the served (token, expert) pairs only, with one gather of each pair's FiLM vectors:
+        the trunk pass is cheap, so on small layers gathers and elementwise passes set the time.
+        """
+        T, k = indices.shape
+        W, E = self.width, self.num_experts
+        valid = indices < E  # (T, k)
+        pairs = valid.reshape(-1).nonzero().squeeze(1)  # (P,) flat (token, slot) positions
         out = torch.zeros_like(x)
-        if rows.numel() == 0:
+        if pairs.numel() == 0:
             return out
-        g, u = F.linear(x[rows], self.gate_up).chunk(2, dim=-1)  # (R, w) each
-        idx = indices[rows].clamp(max=self.num_experts - 1)  # (R, k)
-        w = (weights[rows] * valid[rows]).to(x.dtype)[..., None]  # (R, k, 1), skipped slots weigh 0
-        hidden = (self._hidden(g, u, idx) * w).sum(1)  # (R, w)
-        return out.index_copy(0, rows, F.linear(hidden, self.down))
+        has = valid.any(-1)
+        rows = has.nonzero().squeeze(1)  # (R,) tokens with a served assignment
+        row_of_pair = (has.cumsum(0) - 1).index_select(0, pairs // k)  # (P,) into rows
+        gu = F.linear(x.index_select(0, rows), self.gate_up).index_select(0, row_of_pair)  # (P, 2w)
+        experts = indices.reshape(-1).index_select(0, pairs)
+        per_expert = (
+            self.scale if self.shift is None else torch.cat([self.shift.reshape(E, 2 * W), self.scale], 1)
+        )
+        cond = F.embedding(experts, per_expert)  # (P, [2w shifts +] w scales)
+        if self.shift is not None:
+            gu = gu.add_(cond[:, : 2 * W])
+        weight = weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None]
+        h = F.silu(gu[:, :W]).mul_(gu[:, W:]).mul_(cond[:, -W:]).mul_(weight)  # (P, w)
+        hidden = torch.zeros(rows.numel(), W, dtype=x.dtype, device=x.device).index_add_(0, row_of_pair, h)
+        return out.index_copy_(0, rows, F.linear(hidden, self.down))
 
     def _hidden(self, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """g, u (R, w), idx (R, n) -> (R, n, w): each expert's conditioned hidden units."""
