@@ -65,3 +65,12 @@ def test_demo_passes_its_device_and_dtype_to_every_stage(tmp_path, monkeypatch):
     for stage in ("distill", "evaluate"):
         assert (seen[stage].dtype, seen[stage].device) == ("bfloat16", "auto"), stage
     assert DemoConfig.from_yaml(tmp_path / "demo" / "demo.yaml") == cfg
+
+
+def test_the_demo_teacher_is_the_default_preset_trained_for_the_demos_own_steps():
+    from moe_understudy.config import DemoConfig, TeacherConfig
+    from moe_understudy.demo import demo_teacher_config
+
+    teacher = demo_teacher_config(DemoConfig(teacher_steps=700))
+    assert teacher.steps == 700 and teacher.preset == TeacherConfig().preset
+    assert demo_teacher_config(DemoConfig(quick=True, teacher_steps=700)).steps == TeacherConfig.quick().steps

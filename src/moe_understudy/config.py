@@ -126,7 +126,9 @@ class TeacherConfig(StageConfig):
     joint_policy: str = "shadow"
     joint_cf_min: float = 1.0
     joint_cf_max: float = 2.0
-    init_from: str | None = None  # start from this saved model's weights (a continued phase), not from scratch
+    init_from: str | None = (
+        None  # start from this saved model's weights (a continued phase), not from scratch
+    )
     seed: int = 0
     save_at: tuple[int, ...] = ()  # steps after which a full save_pretrained snapshot goes to OUT/at-STEP/
     # where the run trains and the dtype its forwards compute in (autocast); weights stay fp32 (precision.py)
@@ -138,7 +140,9 @@ class TeacherConfig(StageConfig):
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive.")
         if self.joint_in_loop_from is not None and self.joint_understudy is None:
-            raise ValueError("joint_in_loop_from needs joint_understudy (the stand-in that serves the overflow).")
+            raise ValueError(
+                "joint_in_loop_from needs joint_understudy (the stand-in that serves the overflow)."
+            )
         if not 0 < self.joint_cf_min <= self.joint_cf_max:
             raise ValueError("need 0 < joint_cf_min <= joint_cf_max.")
         bad = [s for s in self.save_at if not 0 < int(s) <= self.steps]
@@ -568,7 +572,9 @@ class EvalConfig(StageConfig):
     out: str = "runs/eval"  # report folder: report.json, report.png, eval.yaml
     policies: tuple[str, ...] = ("full", "drop", "reroute", "understudy")  # policies compared side by side
     capacities: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)  # capacity factors swept for every capacity policy
-    priority: str = "score"  # score (Capacity-Aware token drop: lowest router weight overflows first) | position
+    priority: str = (
+        "score"  # score (Capacity-Aware token drop: lowest router weight overflows first) | position
+    )
     scenario: str = "natural"  # natural (held-out text) | domain_shift | hot_expert
     hot_expert: int = 0  # hot_expert: the expert whose router logit is raised (every layer)
     hot_bias: float = 2.0  # hot_expert: logit bias added to that expert
@@ -617,7 +623,9 @@ class EPConfig(StageConfig):
     capacities: tuple[float, ...] = (
         1.0,
     )  # capacity factors for every policy but full: ceil(cf * global tokens * k / E)
-    priority: str = "score"  # score (Capacity-Aware token drop: lowest router weight overflows first) | position
+    priority: str = (
+        "score"  # score (Capacity-Aware token drop: lowest router weight overflows first) | position
+    )
     capacity_scope: str = "expert"  # expert | rank: capacity per expert, or per rank over all its experts
     placement: str = (
         "contiguous"  # contiguous | replicate (hot experts from measured load) | path to a JSON file
@@ -844,6 +852,9 @@ class DemoConfig(StageConfig):
 
     out: str = "runs/demo"  # run folder: teacher/, store/, understudies/, eval/ (each stage reused when done)
     teacher: str | None = None  # an existing teacher folder to use instead of training runs/demo/teacher
+    teacher_steps: int = (
+        1000  # the demo's teacher: the default preset, fewer steps than `understudy teacher`'s 1400
+    )
     quick: bool = False  # seconds-long smoke run on the quick preset (tests)
     arch: str = "trunk"  # stand-in architecture (trunk: the bounded-memory assignment-level stand-in)
     intermediate: int | None = None  # token-level archs: intermediate size (None: one expert's)
@@ -863,9 +874,12 @@ class DemoConfig(StageConfig):
 
     def __post_init__(self) -> None:
         _canonical_dtypes(self, "dtype")
-        if self.capture_tokens <= 0 or self.distill_steps <= 0 or self.e2e_steps < 0 or self.eval_blocks <= 0:
+        if (
+            min(self.teacher_steps, self.capture_tokens, self.distill_steps, self.eval_blocks) <= 0
+            or self.e2e_steps < 0
+        ):
             raise ValueError(
-                "capture_tokens, distill_steps and eval_blocks must be positive; e2e_steps >= 0."
+                "teacher_steps, capture_tokens, distill_steps and eval_blocks must be positive; e2e_steps >= 0."
             )
         if not self.capacities or any(c <= 0 for c in self.capacities):
             raise ValueError("capacities must be positive capacity factors.")

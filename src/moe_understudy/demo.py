@@ -29,7 +29,7 @@ from moe_understudy.config import (
 
 
 def demo_teacher_config(cfg: DemoConfig) -> TeacherConfig:
-    base = TeacherConfig.quick() if cfg.quick else TeacherConfig()
+    base = TeacherConfig.quick() if cfg.quick else TeacherConfig(steps=cfg.teacher_steps)
     return base.replace(device=cfg.device, dtype=cfg.dtype)
 
 

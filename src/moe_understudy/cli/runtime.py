@@ -179,6 +179,10 @@ def demo(
     teacher: Annotated[
         Path | None, typer.Option(help="Use this trained teacher instead of training one in OUT/teacher.")
     ] = None,
+    teacher_steps: Annotated[
+        int | None,
+        typer.Option(help="Training steps of the demo's teacher (default 1000; `understudy teacher`: 1400)."),
+    ] = None,
     arch: Annotated[
         str | None,
         typer.Option(
