@@ -213,7 +213,7 @@ def demo(
     debug: DebugOption = False,
 ) -> None:
     """The whole pipeline on the default corpus: teacher, capture, distil the trunk, evaluate it beside token drop
-    and expanded drop (score priority), report (~10 min on 2 quiet cores)."""
+    and expanded drop (score priority), report (about 11 min on 2 cores)."""
     from moe_understudy.config import DemoConfig
     from moe_understudy.demo import run_demo
 
