@@ -720,7 +720,7 @@ class SimConfig(StageConfig):
     )  # cluster sizes; experts expand by tiling when ranks > E
     policies: tuple[str, ...] = SIM_POLICIES  # compared side by side
     capacity_factor: float = 1.0  # capacity of drop / reroute / understudy
-    priority: str = "position"  # position | score
+    priority: str = "score"  # score (Capacity-Aware token drop, the literature's baseline) | position
     tokens_per_rank: int = 512  # tokens each rank holds per step (weak scaling)
     expansion: str = "random"  # ranks > experts: siblings drawn per assignment (random: keeps the skew) | per token id (token)
     steps: int = 3  # simulated steps per cluster size (fresh token sample each)

@@ -77,7 +77,7 @@ PriorityOption = Annotated[
     str | None,
     typer.Option(
         help="Which assignments overflow first: score (lowest router weight, Capacity-Aware Inference's token "
-        "drop; the default of evaluate, ep and serve-eval) or position (arrival order, first choices first)."
+        "drop; the default of evaluate, ep, simulate and serve-eval) or position (arrival order, first choices first)."
     ),
 ]
 DeviceOption = Annotated[
