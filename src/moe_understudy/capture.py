@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from moe_understudy.config import CaptureConfig
 from moe_understudy.errors import UserError
 from moe_understudy.files import atomic_save_tensors, atomic_write_text, load_tensors
 from moe_understudy.moe.adapters import MoELayer, experts_call_inputs, find_moe_layers
+from moe_understudy.progress import stage_bar
 
 MANIFEST = "manifest.json"
 FORMAT = "moe-understudy-capture/1"
@@ -131,14 +131,7 @@ def capture_activity(
     logs: dict[str, _ShardLog] = {}
     t0 = time.perf_counter()
     total_batches = sum(math.ceil(len(b) / batch_size) for b in blocks.values())
-    progress = Progress(
-        TextColumn("[bold]capture[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console or Console(stderr=True),
-        disable=console is None,
-    )
+    progress = stage_bar("[bold]capture[/] {task.description}", console=console, disable=console is None)
     try:
         with progress:
             task = progress.add_task("", total=total_batches)

@@ -190,23 +190,16 @@ KD_DIVERGENCES = ("fkl", "rkl", "skew_fkl", "skew_rkl")
 
 
 @dataclass(frozen=True)
-class SFTConfig(StageConfig):
-    """Supervised fine-tuning on instruction data, prompt masked from the loss (`understudy sft`)."""
+class InstructionRun(StageConfig):
+    """What a training run on instruction data (`sft`, `kd`) reads, validates on, and runs with."""
 
     data: str = ""  # instruction file (.jsonl/.json, optionally .gz; any format of data/instructions.py)
-    model: str = "quick"  # a preset name (trained from scratch) or a saved model folder
-    tokenizer: str | None = None  # tokenizer folder; None: the model folder's, or a BPE trained on `data`
-    vocab_size: int = 4096  # BPE vocabulary when a tokenizer is trained here
     fmt: str = "auto"  # instruction format of `data` (auto-detected from the first row)
     val_data: str | None = None  # validation file; None holds out `val_examples` rows of `data`
     val_examples: int = 64  # validation examples for checkpoint selection by ROUGE-L
     max_examples: int | None = None  # cap on training examples read (None: all)
     max_prompt: int = 256  # prompt tokens kept (cut from the left)
     max_total: int = 512  # prompt + response tokens kept
-    steps: int = 500  # optimiser steps
-    batch_size: int = 16  # examples per step
-    lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
-    warmup: int = 20  # warm-up steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 100  # steps between validation ROUGE-L evaluations / checkpoints
@@ -217,32 +210,43 @@ class SFTConfig(StageConfig):
     dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
-        _check_train_fields(self)
+        _canonical_dtypes(self, "dtype")
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError("steps and batch_size must be positive.")
+        if not 0 < self.max_prompt < self.max_total:
+            raise ValueError(f"need 0 < max_prompt < max_total, got {self.max_prompt} and {self.max_total}.")
+        if self.eval_every <= 0 or self.val_examples < 0:
+            raise ValueError("eval_every must be positive and val_examples non-negative.")
 
 
 @dataclass(frozen=True)
-class KDConfig(StageConfig):
-    """Distilling a whole MoE teacher into a dense or smaller MoE student (`understudy kd`)."""
+class SFTConfig(InstructionRun):
+    """Supervised fine-tuning on instruction data, prompt masked from the loss (`understudy sft`)."""
 
-    data: str = ""  # instruction file with prompts (and responses for KD / off-policy)
+    model: str = "quick"  # a preset name (trained from scratch) or a saved model folder
+    tokenizer: str | None = None  # tokenizer folder; None: the model folder's, or a BPE trained on `data`
+    vocab_size: int = 4096  # BPE vocabulary when a tokenizer is trained here
+    steps: int = 500  # optimiser steps
+    batch_size: int = 16  # examples per step
+    lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
+    warmup: int = 20  # warm-up steps
+
+
+@dataclass(frozen=True)
+class KDConfig(InstructionRun):
+    """Distilling a whole MoE teacher into a dense or smaller MoE student (`understudy kd`); `data` holds the
+    prompts (and the responses, for KD / off-policy)."""
+
     teacher: str = ""  # saved teacher folder (an MoE; its tokenizer is the student's)
     student: str = "quick-student"  # a preset name (fresh) or a saved model folder sharing the tokenizer
     method: str = "kd"  # kd | gkd | all | ka | sar | bdistill (see kd/trainer.py)
     divergence: str | None = None  # fkl | rkl | skew_fkl | skew_rkl; None: fkl for kd, rkl otherwise
     on_policy: bool = True  # non-kd methods distil on student-sampled responses; False: dataset responses
-    fmt: str = "auto"  # instruction format of `data`
-    val_data: str | None = None  # validation file; None holds out `val_examples` rows of `data`
-    val_examples: int = 64  # validation examples for checkpoint selection by ROUGE-L
-    max_examples: int | None = None  # cap on training examples read (None: all)
-    max_prompt: int = 256  # prompt tokens kept (cut from the left)
-    max_total: int = 512  # prompt + response tokens kept
     gen_max_new_tokens: int = 64  # length of student-sampled responses (on-policy)
     steps: int = 300  # optimiser steps; every method takes exactly one student update per step
     batch_size: int = 8  # prompts per step (per teacher pass for kd/gkd with teacher_passes > 1)
     lr: float = 5e-4  # peak student learning rate (linear warm-up, cosine decay to 10%)
     warmup: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
     ka_experts: int | None = None  # KA: experts active per teacher layer; None means N-1
     ka_lambda: float = 0.05  # KA: per-token probability of sampling the experts instead of top-(N-1)
     # KA: teacher passes per input per step (M in EEM), their losses averaged into one update
@@ -256,15 +260,9 @@ class KDConfig(StageConfig):
     router_kl_weight: float = 0.1  # B-Distill: weight of the teacher->student router KL
     entropy_floor: float = 0.5  # B-Distill: entropy floor as a fraction of log(student experts)
     entropy_weight: float = 0.1  # B-Distill: weight of the entropy-floor penalty
-    eval_every: int = 100  # steps between validation ROUGE-L evaluations / checkpoints
-    max_new_tokens: int = 64  # generation length for validation ROUGE-L
-    seed: int = 0
-    # where the run trains and the dtype its forwards compute in (autocast); weights stay fp32 (precision.py)
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
-        _check_train_fields(self)
+        super().__post_init__()
         if self.method not in KD_METHODS:
             raise ValueError(f"method must be one of {', '.join(KD_METHODS)}, got {self.method!r}.")
         if self.divergence is not None and self.divergence not in KD_DIVERGENCES:
@@ -320,17 +318,6 @@ class RougeConfig(StageConfig):
             raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0.")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("max_new_tokens and batch_size must be positive.")
-
-
-def _check_train_fields(cfg: SFTConfig | KDConfig) -> None:
-    """Shared validation of the SFT/KD training fields."""
-    _canonical_dtypes(cfg, "dtype")
-    if cfg.steps <= 0 or cfg.batch_size <= 0:
-        raise ValueError("steps and batch_size must be positive.")
-    if not 0 < cfg.max_prompt < cfg.max_total:
-        raise ValueError(f"need 0 < max_prompt < max_total, got {cfg.max_prompt} and {cfg.max_total}.")
-    if cfg.eval_every <= 0 or cfg.val_examples < 0:
-        raise ValueError("eval_every must be positive and val_examples non-negative.")
 
 
 # ---- understudies ----

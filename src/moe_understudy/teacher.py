@@ -27,14 +27,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -47,6 +39,7 @@ from moe_understudy.inspect_routing import routing_load
 from moe_understudy.moe.loading import CHECKPOINT_DIR
 from moe_understudy.moe.presets import build_model, preset_config
 from moe_understudy.precision import MixedPrecision, on_cpu, step_with_scaler
+from moe_understudy.progress import stage_bar
 from moe_understudy.schedule import warmup_cosine
 
 SNAPSHOT_PREFIX = "at-"
@@ -236,15 +229,9 @@ def train_teacher(
 
     tokens_per_step = cfg.batch_size * cfg.data.block_size
     val_ppl = float("nan")
-    progress = Progress(
-        TextColumn("[bold]teacher[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "loss {task.fields[loss]:.3f}  val ppl {task.fields[ppl]:.1f}  {task.fields[tps]:,.0f} tok/s"
-        ),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
+    progress = stage_bar(
+        "[bold]teacher[/]",
+        "loss {task.fields[loss]:.3f}  val ppl {task.fields[ppl]:.1f}  {task.fields[tps]:,.0f} tok/s",
         console=console,
     )
     with progress:

@@ -111,6 +111,29 @@ ResumeOption = Annotated[
 ]
 JsonOption = Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON here.")]
 
+# The shared options a command takes by name through `command(lead=..., tail=...)`:
+# name -> (parameter, annotation, default). "train_dtype" is --dtype with the training commands' help.
+_SHARED = {
+    "understudies": ("understudies", UnderstudiesOption, None),
+    "policies": ("policies", PoliciesOption, None),
+    "capacities": ("capacities", CapacitiesOption, None),
+    "priority": ("priority", PriorityOption, None),
+    "data": ("data", DataOption, None),
+    "block_size": ("block_size", BlockSizeOption, None),
+    "json": ("json_out", JsonOption, None),
+    "seed": ("seed", SeedOption, None),
+    "device": ("device", DeviceOption, None),
+    "dtype": ("dtype", DtypeOption, None),
+    "train_dtype": ("dtype", TrainDtypeOption, None),
+    "resume": ("resume", ResumeOption, False),
+    "config": ("config", ConfigOption, None),
+    "debug": ("debug", DebugOption, False),
+}
+LOAD = ("understudies", "policies", "capacities", "priority")  # what serves the overflow, at which cf
+TEXT = ("data", "block_size")
+RUN = ("device", "dtype", "config", "debug")  # how a saved model runs, replay, tracebacks
+TRAIN = ("seed", "device", "train_dtype", "resume", "config", "debug")
+
 # Options that are not fields of any stage config: handled by `user_errors` or the command itself.
 _NOT_FIELDS = ("config", "debug", "resume")
 # The data options a command maps onto its DataConfig (`--data` is the corpus' source).
@@ -151,6 +174,43 @@ def user_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def command(name: str | None = None, *, lead: tuple[str, ...] = (), tail: tuple[str, ...] = RUN):
+    """Register a command whose function declares only its own options: the shared options named in
+    `lead` (placed after MODEL) and `tail` (placed last) join the signature typer reads, so each is
+    declared once (`_SHARED`). Their values reach the function through `ctx.params` (which
+    `configure` reads), not as arguments; errors are one sentence (`user_errors`)."""
+    import inspect
+
+    def register(fn):
+        own = inspect.signature(fn, eval_str=True)
+        params = list(own.parameters.values())
+
+        def shared(names):
+            return [
+                inspect.Parameter(
+                    _SHARED[n][0],
+                    inspect.Parameter.KEYWORD_ONLY,
+                    annotation=_SHARED[n][1],
+                    default=_SHARED[n][2],
+                )
+                for n in names
+            ]
+
+        at = 1 + ([p.name for p in params].index("model") if "model" in own.parameters else 0)  # after ctx
+        kw = inspect.Parameter.KEYWORD_ONLY
+        params = [p.replace(kind=kw) for p in (*params[:at], *shared(lead), *params[at:], *shared(tail))]
+
+        @functools.wraps(fn)
+        def call(**kwargs):
+            return fn(**{k: v for k, v in kwargs.items() if k in own.parameters})
+
+        wrapped = user_errors(call)
+        wrapped.__signature__ = own.replace(parameters=params)
+        return app.command(name)(wrapped)
+
+    return register
 
 
 def one_sentence(err: BaseException) -> str:

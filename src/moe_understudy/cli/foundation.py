@@ -8,29 +8,20 @@ from typing import Annotated
 import typer
 
 from moe_understudy.cli.common import (
+    RUN,
+    TRAIN,
     BlockSizeOption,
-    ConfigOption,
-    DataOption,
-    DebugOption,
-    DeviceOption,
-    DtypeOption,
-    JsonOption,
     MaxCharsOption,
     ModelArgument,
-    ResumeOption,
-    SeedOption,
-    TrainDtypeOption,
-    app,
+    command,
     configure,
     console,
     model_data,
-    user_errors,
     write_replay,
 )
 
 
-@app.command()
-@user_errors
+@command(tail=TRAIN)
 def teacher(
     ctx: typer.Context,
     out: Annotated[
@@ -101,15 +92,9 @@ def teacher(
             "and its held-out perplexity go to OUT/at-STEP/ (kept on --resume)."
         ),
     ] = None,
-    seed: SeedOption = None,
-    device: DeviceOption = None,
-    dtype: TrainDtypeOption = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="Seconds-long run on a tiny preset (for tests and smoke checks).")
     ] = False,
-    resume: ResumeOption = False,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Train a small MoE teacher from scratch on the default corpus (about 8 minutes on 2 cores)."""
     from moe_understudy.config import TeacherConfig
@@ -117,7 +102,7 @@ def teacher(
 
     start = TeacherConfig.quick() if quick else TeacherConfig()
     cfg = configure(TeacherConfig, ctx.params, start=start, ignore=("out", "quick"))
-    result = train_teacher(cfg, out, resume=resume, console=console)  # writes OUT/teacher.yaml
+    result = train_teacher(cfg, out, resume=ctx.params["resume"], console=console)  # writes OUT/teacher.yaml
     console.print(
         f"[bold green]teacher saved to {result.out_dir}[/]: held-out perplexity {result.val_perplexity:.2f}, "
         f"{result.tokens_per_second:,.0f} tokens/s, {result.train_seconds / 60:.1f} min, "
@@ -125,12 +110,10 @@ def teacher(
     )
 
 
-@app.command()
-@user_errors
+@command(lead=("data",), tail=("json", *RUN))
 def inspect(
     ctx: typer.Context,
     model: ModelArgument = None,
-    data: DataOption = None,
     blocks: Annotated[
         int | None, typer.Option(help="Number of blocks of text to route (default 64).")
     ] = None,
@@ -140,18 +123,15 @@ def inspect(
         typer.Option(help="Blocks per forward (the 'layer-batch' of the max/mean figure; default 8)."),
     ] = None,
     heatmap: Annotated[Path | None, typer.Option(help="Save a layer x expert load heatmap PNG here.")] = None,
-    json_out: JsonOption = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Print per-layer expert load (tokens per expert, max/mean, entropy) of MODEL on some text."""
     from moe_understudy.config import InspectConfig
     from moe_understudy.inspect_routing import inspect_model
 
     cfg = configure(
-        InspectConfig, ctx.params, start=InspectConfig(data=model_data(model, notice=data is None))
+        InspectConfig,
+        ctx.params,
+        start=InspectConfig(data=model_data(model, notice=ctx.params["data"] is None)),
     )
     inspect_model(cfg, console)
     beside = cfg.json_out or cfg.heatmap

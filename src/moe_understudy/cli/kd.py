@@ -8,17 +8,10 @@ from typing import Annotated
 import typer
 
 from moe_understudy.cli.common import (
-    ConfigOption,
-    DebugOption,
-    DeviceOption,
-    DtypeOption,
-    ResumeOption,
-    SeedOption,
-    TrainDtypeOption,
-    app,
+    TRAIN,
+    command,
     configure,
     console,
-    user_errors,
     write_replay,
 )
 from moe_understudy.errors import UserError
@@ -45,8 +38,7 @@ MaxNewTokensOption = Annotated[
 ]
 
 
-@app.command()
-@user_errors
+@command(tail=TRAIN)
 def sft(
     ctx: typer.Context,
     out: Annotated[
@@ -90,26 +82,19 @@ def sft(
     warmup: Annotated[int | None, typer.Option(help="Linear warm-up steps (default 20).")] = None,
     eval_every: EvalEveryOption = None,
     max_new_tokens: MaxNewTokensOption = None,
-    seed: SeedOption = None,
-    device: DeviceOption = None,
-    dtype: TrainDtypeOption = None,
-    resume: ResumeOption = False,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Fine-tune a model on instruction data with the prompt masked from the loss (teacher or student)."""
     from moe_understudy.config import SFTConfig
     from moe_understudy.kd.sft import run_sft
 
     cfg = _needs_data(configure(SFTConfig, ctx.params, ignore=("out",)))
-    summary = run_sft(cfg, out, resume=resume, console=console)  # writes OUT/sft.yaml
+    summary = run_sft(cfg, out, resume=ctx.params["resume"], console=console)  # writes OUT/sft.yaml
     console.print(
         f"[bold green]model saved to {out}[/]: best validation ROUGE-L {_fmt_rouge(summary['best_val_rouge_l'])}"
     )
 
 
-@app.command()
-@user_errors
+@command(tail=("seed", "device", "train_dtype", "resume", "debug"))
 def kd(
     ctx: typer.Context,
     out: Annotated[
@@ -202,17 +187,12 @@ def kd(
     ] = None,
     eval_every: EvalEveryOption = None,
     max_new_tokens: MaxNewTokensOption = None,
-    seed: SeedOption = None,
-    device: DeviceOption = None,
-    dtype: TrainDtypeOption = None,
-    resume: ResumeOption = False,
     config: Annotated[
         Path | None,
         typer.Option(
             help="Replay a run: read the options from its kd.yaml (flags given here override them); e.g. teacher_passes: M gives kd/gkd M x batch-size examples per step, KA's teacher forwards."
         ),
     ] = None,
-    debug: DebugOption = False,
 ) -> None:
     """Distil a whole MoE teacher into a dense or smaller MoE student (KD, GKD, ALL, KA, SAR, B-Distill)."""
     from moe_understudy.config import KDConfig
@@ -222,14 +202,13 @@ def kd(
     cfg = _needs_data(configure(KDConfig, params, ignore=("out", "off_policy")))
     if not cfg.teacher:
         raise UserError("Give the --teacher folder to distil (or a --config kd.yaml that names one).")
-    summary = run_kd(cfg, out, resume=resume, console=console)  # writes OUT/kd.yaml
+    summary = run_kd(cfg, out, resume=ctx.params["resume"], console=console)  # writes OUT/kd.yaml
     console.print(
         f"[bold green]student saved to {out}[/] ({cfg.method}): best validation ROUGE-L {_fmt_rouge(summary['best_val_rouge_l'])}"
     )
 
 
-@app.command()
-@user_errors
+@command()
 def rouge(
     ctx: typer.Context,
     model: Annotated[
@@ -264,10 +243,6 @@ def rouge(
             help="Write the report (per dataset, per task, per seed) as JSON here, rouge.yaml beside it."
         ),
     ] = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Generate responses and score ROUGE-L F1 x100 per dataset and task, mean and std over seeds."""
     from moe_understudy.config import RougeConfig

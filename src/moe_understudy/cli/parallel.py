@@ -8,21 +8,14 @@ from typing import Annotated
 import typer
 
 from moe_understudy.cli.common import (
-    BlockSizeOption,
-    CapacitiesOption,
-    ConfigOption,
-    DataOption,
-    DebugOption,
-    DeviceOption,
-    DtypeOption,
-    PoliciesOption,
+    LOAD,
+    RUN,
+    TEXT,
     PriorityOption,
-    UnderstudiesOption,
-    app,
+    command,
     configure,
     console,
     model_data,
-    user_errors,
 )
 from moe_understudy.cli.runtime import backend_of
 from moe_understudy.errors import UserError
@@ -35,8 +28,7 @@ ModelOption = Annotated[
 _COST = ("understudy_cost", "hidden_size", "expert_intermediate", "device_tflops", "link_gbps", "latency_us")
 
 
-@app.command()
-@user_errors
+@command(tail=(*TEXT, *RUN))
 def simulate(
     ctx: typer.Context,
     model: ModelOption = None,
@@ -109,10 +101,6 @@ def simulate(
         float | None,
         typer.Option(help="Fixed latency of one all-to-all, microseconds (default: config.ClusterCost)."),
     ] = None,
-    data: DataOption = None,
-    block_size: BlockSizeOption = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
     quality: Annotated[
         str | None,
         typer.Option(
@@ -125,8 +113,6 @@ def simulate(
     seed: Annotated[
         int | None, typer.Option(help="Random seed (token sampling, synthetic trace, expansion).")
     ] = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Replay routing over 8..256 simulated ranks per policy; print a table, plot step time and bytes against ranks.
 
@@ -140,23 +126,18 @@ def simulate(
         SimConfig,
         ctx.params,
         renames={"experts": "synthetic_experts", **{name: f"cost.{name}" for name in _COST}},
-        data_start=lambda: model_data(model, notice=data is None),
+        data_start=lambda: model_data(model, notice=ctx.params["data"] is None),
     )
     run_simulation(cfg, console=console)  # writes OUT/sim.yaml
 
 
-@app.command("ep")
-@user_errors
+@command("ep", lead=LOAD, tail=(*TEXT, *RUN))
 def ep_evaluate(
     ctx: typer.Context,
     model: ModelOption = None,
     nproc: Annotated[
         int, typer.Option(help="Processes (ranks) to launch through torchrun; experts are spread over them.")
     ] = 2,
-    understudies: UnderstudiesOption = None,
-    policies: PoliciesOption = None,
-    capacities: CapacitiesOption = None,
-    priority: PriorityOption = None,
     capacity_scope: Annotated[
         str | None,
         typer.Option(
@@ -186,8 +167,6 @@ def ep_evaluate(
             help="expanded_drop / expanded_shadow: candidates per token on its own rank (default 1)."
         ),
     ] = None,
-    data: DataOption = None,
-    block_size: BlockSizeOption = None,
     max_blocks: Annotated[int | None, typer.Option(help="Held-out blocks evaluated over all ranks.")] = None,
     blocks_per_rank: Annotated[
         int | None, typer.Option(help="Blocks each rank feeds per step (global batch = ranks x this).")
@@ -199,14 +178,10 @@ def ep_evaluate(
     backend: Annotated[
         str | None, typer.Option(help="auto (nccl with CUDA, else gloo), gloo or nccl.")
     ] = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
     out: Annotated[
         str | None,
         typer.Option(help="Output folder: ep.json (summary + per-rank, per-step records), ep.yaml."),
     ] = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Evaluate policies under real expert parallelism over NPROC local processes (torchrun; gloo on CPU, nccl on GPU).
 
@@ -217,13 +192,13 @@ def ep_evaluate(
     from moe_understudy.runtime.ep import launch_ep, runs_table
 
     params = dict(ctx.params)
-    if params.get("backend") is None and device is not None:
-        params["backend"] = backend_of(device)
+    if params.get("backend") is None and params["device"] is not None:
+        params["backend"] = backend_of(params["device"])
     cfg = configure(
         EPConfig,
         params,
         ignore=("nproc", "device"),
-        data_start=lambda: model_data(model, notice=data is None),
+        data_start=lambda: model_data(model, notice=ctx.params["data"] is None),
     )
     if nproc < 1:
         raise UserError(f"--nproc must be at least 1, got {nproc}.")

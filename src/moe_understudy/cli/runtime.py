@@ -8,35 +8,21 @@ from typing import Annotated
 import typer
 
 from moe_understudy.cli.common import (
-    BlockSizeOption,
-    CapacitiesOption,
-    ConfigOption,
-    DataOption,
-    DebugOption,
-    DeviceOption,
-    DtypeOption,
+    LOAD,
+    TEXT,
     ModelArgument,
-    PoliciesOption,
-    PriorityOption,
-    UnderstudiesOption,
-    app,
+    command,
     configure,
     console,
     model_data,
-    user_errors,
 )
 from moe_understudy.errors import UserError
 
 
-@app.command()
-@user_errors
+@command(lead=(*LOAD, *TEXT))
 def evaluate(
     ctx: typer.Context,
     model: ModelArgument = None,
-    understudies: UnderstudiesOption = None,
-    policies: PoliciesOption = None,
-    capacities: CapacitiesOption = None,
-    priority: PriorityOption = None,
     scenario: Annotated[
         str | None,
         typer.Option(
@@ -52,8 +38,6 @@ def evaluate(
     hot_bias: Annotated[
         float | None, typer.Option(help="hot_expert scenario: logit bias added to that expert (default 2).")
     ] = None,
-    data: DataOption = None,
-    block_size: BlockSizeOption = None,
     blocks: Annotated[
         int | None,
         typer.Option(
@@ -96,8 +80,6 @@ def evaluate(
             help="Report folder: report.json, report.png and the eval.yaml that replays the run (default runs/eval)."
         ),
     ] = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
     ep: Annotated[
         int,
         typer.Option(
@@ -115,8 +97,6 @@ def evaluate(
         int | None,
         typer.Option(help="expanded_drop / expanded_shadow: local candidates per token (default 1)."),
     ] = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Quality under load: perplexity, KL to full, agreement, bytes moved and load for each policy x capacity factor."""
     from moe_understudy.config import EvalConfig
@@ -127,10 +107,10 @@ def evaluate(
         ctx.params,
         renames={"blocks": "max_blocks", "batch_size": "batch_sizes", "devices": "num_devices"},
         ignore=("ep",),
-        data_start=lambda: model_data(model, notice=data is None),
+        data_start=lambda: model_data(model, notice=ctx.params["data"] is None),
     )
     if ep > 0:
-        _evaluate_expert_parallel(cfg, ep, cfg.capacity_scope, device)
+        _evaluate_expert_parallel(cfg, ep, cfg.capacity_scope, ctx.params["device"])
     else:
         run_evaluation(cfg, console)  # writes OUT/eval.yaml
 
@@ -166,8 +146,7 @@ def backend_of(device: str | None) -> str:
     return "nccl" if str(device).startswith("cuda") else "gloo"
 
 
-@app.command()
-@user_errors
+@command(tail=("device", "config", "debug"))
 def demo(
     ctx: typer.Context,
     out: Annotated[
@@ -201,7 +180,6 @@ def demo(
     quick: Annotated[
         bool | None, typer.Option("--quick", help="Seconds-long smoke run on the quick preset.")
     ] = None,
-    device: DeviceOption = None,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -209,11 +187,9 @@ def demo(
             "to it (fp32 weights), capture, distil and evaluate run the model in it."
         ),
     ] = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """The whole pipeline on the default corpus: teacher, capture, distil the trunk, evaluate it beside token drop
-    and expanded drop (score priority), report (about 11 min on 2 cores)."""
+    and expanded drop (score priority), report (about 6 min on 2 quiet cores)."""
     from moe_understudy.config import DemoConfig
     from moe_understudy.demo import run_demo
 

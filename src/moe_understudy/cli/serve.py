@@ -7,32 +7,13 @@ from typing import Annotated
 
 import typer
 
-from moe_understudy.cli.common import (
-    CapacitiesOption,
-    ConfigOption,
-    DebugOption,
-    DeviceOption,
-    DtypeOption,
-    ModelArgument,
-    PoliciesOption,
-    PriorityOption,
-    UnderstudiesOption,
-    app,
-    configure,
-    console,
-    user_errors,
-)
+from moe_understudy.cli.common import LOAD, ModelArgument, command, configure, console
 
 
-@app.command("serve-eval")
-@user_errors
+@command("serve-eval", lead=LOAD)
 def serve_eval(
     ctx: typer.Context,
     model: ModelArgument = None,
-    understudies: UnderstudiesOption = None,
-    policies: PoliciesOption = None,
-    capacity: CapacitiesOption = None,
-    priority: PriorityOption = None,
     data: Annotated[
         str | None,
         typer.Option(
@@ -84,10 +65,6 @@ def serve_eval(
         Path | None,
         typer.Option(help="Report folder: report.json, report.png and serve.yaml (default runs/serve)."),
     ] = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Generation under load: decode-step agreement teacher-forced along the unpatched greedy run, free-running
     sequence figures, overflow per step, tokens/s and bytes, for each policy x capacity factor."""
@@ -95,6 +72,6 @@ def serve_eval(
     from moe_understudy.config import ServeConfig
     from moe_understudy.eval.serve import run_serve
 
-    params = {**ctx.params, "model": model or (None if config else "runs/teacher")}
-    cfg = configure(ServeConfig, params, renames={"capacity": "capacities", "devices": "num_devices"})
+    params = {**ctx.params, "model": model or (None if ctx.params["config"] else "runs/teacher")}
+    cfg = configure(ServeConfig, params, renames={"devices": "num_devices"})
     run_serve(cfg, console)  # writes OUT/serve.yaml

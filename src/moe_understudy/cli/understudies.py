@@ -8,27 +8,20 @@ from typing import Annotated
 import typer
 
 from moe_understudy.cli.common import (
+    RUN,
+    TEXT,
     BlockSizeOption,
-    ConfigOption,
-    DataOption,
-    DebugOption,
-    DeviceOption,
-    DtypeOption,
-    JsonOption,
     MaxCharsOption,
     ModelArgument,
-    SeedOption,
-    app,
+    command,
     configure,
     console,
     model_data,
-    user_errors,
     write_replay,
 )
 
 
-@app.command()
-@user_errors
+@command(lead=("data",))
 def capture(
     ctx: typer.Context,
     model: ModelArgument = None,
@@ -38,7 +31,6 @@ def capture(
             help="Store folder to write: manifest.json plus train/ and val/ safetensors shards (default runs/store)."
         ),
     ] = None,
-    data: DataOption = None,
     tokens: Annotated[int | None, typer.Option(help="Training tokens to capture (default 65536).")] = None,
     val_tokens: Annotated[
         int | None,
@@ -48,16 +40,12 @@ def capture(
     max_chars: MaxCharsOption = None,
     batch_size: Annotated[int | None, typer.Option(help="Blocks per forward pass (default 8).")] = None,
     shard_tokens: Annotated[int | None, typer.Option(help="Rows per shard file (default 16384).")] = None,
-    dtype: DtypeOption = None,
     store_dtype: Annotated[
         str | None,
         typer.Option(
             help="Stored dtype of x, y, logits, weights: float32, bfloat16 or float16 (default: --dtype)."
         ),
     ] = None,
-    device: DeviceOption = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Record each MoE layer's input, routed output, router logits and top-k into a sharded store.
 
@@ -66,11 +54,11 @@ def capture(
     from moe_understudy.capture import run_capture
     from moe_understudy.config import CaptureConfig
 
-    params = {**ctx.params, "store_dtype": store_dtype or dtype}
+    params = {**ctx.params, "store_dtype": store_dtype or ctx.params["dtype"]}
     cfg = configure(
         CaptureConfig,
         params,
-        start=CaptureConfig(data=model_data(model, notice=data is None)),
+        start=CaptureConfig(data=model_data(model, notice=params["data"] is None)),
         renames={"dtype": "model_dtype", "store_dtype": "dtype"},
     )
     store = run_capture(cfg, console=console)  # writes OUT/capture.yaml
@@ -80,8 +68,7 @@ def capture(
     )
 
 
-@app.command()
-@user_errors
+@command(tail=(*TEXT, "seed", "device", "config", "debug"))
 def distill(
     ctx: typer.Context,
     model: ModelArgument = None,
@@ -241,9 +228,6 @@ def distill(
             help="Save a resumable end-to-end checkpoint every this many steps (default 100; 0 = never)."
         ),
     ] = None,
-    data: DataOption = None,
-    block_size: BlockSizeOption = None,
-    seed: SeedOption = None,
     resume: Annotated[
         bool,
         typer.Option(
@@ -251,7 +235,6 @@ def distill(
             help="Continue a run in --out: finished layers are kept, the end-to-end stage continues from its last checkpoint (or is kept if finished).",
         ),
     ] = False,
-    device: DeviceOption = None,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -259,8 +242,6 @@ def distill(
             "float16; understudies keep fp32 master weights."
         ),
     ] = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Distil one understudy per MoE layer from a capture store (layer-wise, then optionally end-to-end)."""
     from moe_understudy.config import DistillConfig, EndToEndConfig
@@ -269,7 +250,7 @@ def distill(
     cfg = configure(
         DistillConfig,
         ctx.params,
-        start=DistillConfig(e2e=EndToEndConfig(data=model_data(model, notice=data is None))),
+        start=DistillConfig(e2e=EndToEndConfig(data=model_data(model, notice=ctx.params["data"] is None))),
         renames={
             "e2e_cache": "e2e.cache_teacher",
             "data": "e2e.data.source",
@@ -281,8 +262,7 @@ def distill(
     console.print(f"[bold green]understudies saved to {result.out_dir}[/] (report.json holds the figures)")
 
 
-@app.command("replace-eval")
-@user_errors
+@command("replace-eval", lead=("data",), tail=("json", *RUN))
 def replace_eval(
     ctx: typer.Context,
     model: ModelArgument = None,
@@ -290,14 +270,8 @@ def replace_eval(
         str | None,
         typer.Option(help="Folder written by `understudy distill` (or a hub id; default runs/understudies)."),
     ] = None,
-    data: DataOption = None,
     blocks: Annotated[int | None, typer.Option(help="Held-out blocks to score (default 32).")] = None,
     block_size: BlockSizeOption = None,
-    json_out: JsonOption = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
-    config: ConfigOption = None,
-    debug: DebugOption = False,
 ) -> None:
     """Reload saved understudies and compare perplexity with every MoE layer fully replaced against the model."""
     import json
@@ -306,7 +280,9 @@ def replace_eval(
     from moe_understudy.understudy.distill import run_replace_eval
 
     cfg = configure(
-        ReplaceEvalConfig, ctx.params, start=ReplaceEvalConfig(data=model_data(model, notice=data is None))
+        ReplaceEvalConfig,
+        ctx.params,
+        start=ReplaceEvalConfig(data=model_data(model, notice=ctx.params["data"] is None)),
     )
     result = run_replace_eval(
         cfg.model, cfg.understudies, cfg.data, blocks=cfg.blocks, device=cfg.device, dtype=cfg.dtype

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from moe_understudy.config import EvalConfig
 from moe_understudy.eval.metrics import kl_per_token, next_token_view, token_nll, top1_agreement
 from moe_understudy.moe.adapters import find_moe_layers
+from moe_understudy.progress import stage_bar
 from moe_understudy.runtime.layer import patch
 from moe_understudy.runtime.ledger import LoadRecorder
 from moe_understudy.runtime.scenarios import batches, build_scenario
@@ -98,14 +98,7 @@ def evaluate_policies(
         num_devices=num_devices,
         **(runtime_options or {}),
     )
-    bar = Progress(
-        TextColumn("[bold]evaluate[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        disable=not progress,
-        transient=True,
-    )
+    bar = stage_bar("[bold]evaluate[/] {task.description}", disable=not progress, transient=True)
     try:
         with bar:
             task = bar.add_task(

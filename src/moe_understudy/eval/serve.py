@@ -204,29 +204,12 @@ def run_serve(cfg: ServeConfig, console: Console | None = None) -> dict[str, Any
         text = token_text(tokenizer, batching.eos_id)
         if cfg.noise_floor:
             noise = noise_floor_rows(model, prompts, batching, reference, text=text, bf16=cfg.bf16_floor)
-        rows = decode_rows(
-            model,
-            understudies,
-            prompts,
-            batching,
-            cfg.policies,
-            cfg.capacities,
-            reference,
-            priority=cfg.priority,
-            num_devices=cfg.num_devices,
-            text=text,
-        )
+    served = (model, understudies, prompts, batching, cfg.policies, cfg.capacities)
+    load = {"priority": cfg.priority, "num_devices": cfg.num_devices}
+    if cfg.mode == DECODE:
+        rows = decode_rows(*served, reference, **load, text=text)
     else:
-        rows = prefill_rows(
-            model,
-            understudies,
-            prompts,
-            batching,
-            cfg.policies,
-            cfg.capacities,
-            priority=cfg.priority,
-            num_devices=cfg.num_devices,
-        )
+        rows = prefill_rows(*served, **load)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "serve.yaml")

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from moe_understudy.data.instructions import Example, load_instructions, shuffled
@@ -36,6 +35,7 @@ from moe_understudy.errors import UserError
 from moe_understudy.eval.rouge import rouge_over_seeds
 from moe_understudy.files import atomic_torch_save
 from moe_understudy.precision import MixedPrecision, on_cpu
+from moe_understudy.progress import stage_bar
 from moe_understudy.schedule import warmup_cosine
 
 CHECKPOINT_DIR = "checkpoint"  # resumable training state inside the run folder
@@ -262,14 +262,8 @@ class InstructionRecipe:
     def train(self) -> dict:
         cfg = self.cfg
         self.model.train()
-        columns = (
-            TextColumn(f"{self.kind}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=self.console, transient=True) as progress:
+        bar = stage_bar(self.kind, "{task.fields[info]}", console=self.console, transient=True)
+        with bar as progress:
             task = progress.add_task(self.kind, total=cfg.steps, completed=self.start_step, info="")
             for step in range(self.start_step, cfg.steps):
                 lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)

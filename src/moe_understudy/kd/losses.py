@@ -76,9 +76,9 @@ def skew_reverse_kl(
     mask: torch.Tensor | None = None,
     alpha: float = 0.1,
 ) -> torch.Tensor:
-    """DistiLLM skew reverse KL: KL(q || alpha q + (1 - alpha) p); alpha = 0 is reverse KL."""
-    log_p, log_q = log_probs(teacher_logits), log_probs(student_logits)
-    return masked_mean(kl_from_log_probs(log_q, _log_mix(log_q, log_p, alpha)), mask)
+    """DistiLLM skew reverse KL: KL(q || alpha q + (1 - alpha) p); alpha = 0 is reverse KL. It is the skew
+    forward KL with the two distributions' roles exchanged."""
+    return skew_forward_kl(teacher_logits, student_logits, mask, alpha)
 
 
 DIVERGENCES = {

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
@@ -28,6 +27,7 @@ from moe_understudy.config import DistillConfig
 from moe_understudy.errors import UserError
 from moe_understudy.files import atomic_save_tensors, load_tensors
 from moe_understudy.moe.adapters import MoELayer, find_moe_layers
+from moe_understudy.progress import stage_bar
 from moe_understudy.understudy.e2e import train_end_to_end
 from moe_understudy.understudy.io import load_understudies, save_understudies
 from moe_understudy.understudy.layerwise import AssignmentObjective, CombinedObjective, fit_layer
@@ -108,12 +108,12 @@ def _layerwise(
     folder.mkdir(parents=True, exist_ok=True)
     understudies: dict[int, nn.Module] = {}
     metrics: dict[int, dict] = {}
-    progress = Progress(
-        TextColumn("[bold]layer-wise[/] layer {task.fields[layer]}"),
-        BarColumn(),
-        TextColumn("step {task.completed}/{task.total}  held-out rel. error {task.fields[err]:.4f}"),
-        TimeElapsedColumn(),
+    progress = stage_bar(
+        "[bold]layer-wise[/] layer {task.fields[layer]}",
+        "step {task.completed}/{task.total}  held-out rel. error {task.fields[err]:.4f}",
         console=console,
+        count=False,
+        eta=False,
     )
     with progress:
         for layer in find_moe_layers(model):

@@ -23,19 +23,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
 
 from moe_understudy.config import EndToEndConfig
 from moe_understudy.errors import UserError
 from moe_understudy.files import atomic_torch_save
+from moe_understudy.progress import stage_bar
 from moe_understudy.schedule import warmup_cosine
 from moe_understudy.understudy.losses import kl_loss, relative_loss
 from moe_understudy.understudy.replace import substituted
@@ -231,15 +224,8 @@ def train_end_to_end(
             history, (running, seen), start = saved["history"], saved["running"], saved["step"]
         for m in understudies.values():
             m.train()
-        progress = Progress(
-            TextColumn("[bold]end-to-end[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console or Console(stderr=True),
-            disable=console is None,
+        progress = stage_bar(
+            "[bold]end-to-end[/]", "loss {task.fields[loss]:.4f}", console=console, disable=console is None
         )
         with progress, _overflow(model, understudies, cfg) as overflow:
             task = progress.add_task("", total=cfg.steps, completed=start, loss=math.nan)
