@@ -11,10 +11,12 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+import typer
 import yaml
 from typer.testing import CliRunner
 
 from moe_understudy.cli import app
+from moe_understudy.cli.common import RUN, command
 from moe_understudy.config import DataConfig, EPConfig
 from moe_understudy.data.tokenizer import train_bpe
 from moe_understudy.moe.presets import build_model, tiny_config
@@ -216,3 +218,28 @@ def test_the_training_commands_refuse_an_unknown_device_in_one_sentence_before_w
     assert result.exit_code == 2, result.output
     assert said(result) == "error: Unknown device 'tpu9'; use cpu, cuda, cuda:N or auto."
     assert not out.exists()
+
+
+def test_command_adds_shared_options_after_model_and_last_and_passes_only_the_functions_own():
+    demo_app, seen = typer.Typer(), {}
+
+    @command(lead=("priority",), tail=RUN, on=demo_app)
+    def probe(ctx: typer.Context, model: str | None = None, steps: int = 1) -> None:
+        seen.update(own={"model": model, "steps": steps}, params=dict(ctx.params))
+
+    @command(on=demo_app)
+    def other(ctx: typer.Context) -> None:  # a second command, so typer keeps the subcommand name
+        pass
+
+    result = CliRunner().invoke(
+        demo_app, ["probe", "--model", "m", "--priority", "score", "--dtype", "bfloat16"]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen["own"] == {"model": "m", "steps": 1}  # shared options reach ctx.params, not the arguments
+    assert seen["params"]["priority"] == "score" and seen["params"]["dtype"] == "bfloat16"
+    assert seen["params"]["debug"] is False and seen["params"]["config"] is None
+    help_text = (
+        CliRunner().invoke(demo_app, ["probe", "--help"], env={"COLUMNS": "200", "TERM": "dumb"}).output
+    )
+    order = [help_text.index(f"--{name}") for name in ("model", "priority", "steps", "device", "debug")]
+    assert order == sorted(order)

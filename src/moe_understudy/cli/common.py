@@ -176,11 +176,13 @@ def user_errors(fn):
     return wrapper
 
 
-def command(name: str | None = None, *, lead: tuple[str, ...] = (), tail: tuple[str, ...] = RUN):
+def command(
+    name: str | None = None, *, lead: tuple[str, ...] = (), tail: tuple[str, ...] = RUN, on: typer.Typer = app
+):
     """Register a command whose function declares only its own options: the shared options named in
     `lead` (placed after MODEL) and `tail` (placed last) join the signature typer reads, so each is
     declared once (`_SHARED`). Their values reach the function through `ctx.params` (which
-    `configure` reads), not as arguments; errors are one sentence (`user_errors`)."""
+    `configure` reads), not as arguments; errors are one sentence (`user_errors`). `on`: the typer app."""
     import inspect
 
     def register(fn):
@@ -208,7 +210,7 @@ def command(name: str | None = None, *, lead: tuple[str, ...] = (), tail: tuple[
 
         wrapped = user_errors(call)
         wrapped.__signature__ = own.replace(parameters=params)
-        return app.command(name)(wrapped)
+        return on.command(name)(wrapped)
 
     return register
 

@@ -82,30 +82,16 @@ def rouge_over_seeds(
     *,
     seeds: Sequence[int] = (10, 20, 30, 40, 50),
     greedy: bool = False,
-    max_new_tokens: int = 128,
-    max_prompt: int = 256,
-    batch_size: int = 16,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
+    **sampling,
 ) -> SeedScores:
-    """Generate for every example once per seed (once if greedy) and collect the ROUGE-L scores."""
+    """Generate for every example once per seed (once if greedy) and collect the ROUGE-L scores.
+
+    sampling: the other options of `generate_responses` (max_new_tokens, max_prompt, batch_size,
+    temperature, top_p, top_k), with its defaults."""
     result = SeedScores()
     prompts = [e.prompt for e in examples]
     for seed in [seeds[0] if seeds else 0] if greedy else seeds:
-        preds = generate_responses(
-            model,
-            tokenizer,
-            prompts,
-            seed=seed,
-            greedy=greedy,
-            max_new_tokens=max_new_tokens,
-            max_prompt=max_prompt,
-            batch_size=batch_size,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-        )
+        preds = generate_responses(model, tokenizer, prompts, seed=seed, greedy=greedy, **sampling)
         result.add(score_examples(preds, examples), examples)
     return result
 
