@@ -6,37 +6,19 @@ import json
 
 import pytest
 import torch
+from load_aware_helpers import CopyOfLayer, tiny_model
 from torch import nn
 from typer.testing import CliRunner
 
 from moe_understudy.cli import app
 from moe_understudy.eval.quality import evaluate_policies, systems
-from moe_understudy.moe.adapters import MoELayer, find_moe_layers
-from moe_understudy.moe.presets import build_model, tiny_config
-from moe_understudy.moe.standins import TokenStandIn
+from moe_understudy.moe.adapters import find_moe_layers
 
 
 def tiny(seed: int = 0):
-    model = build_model(tiny_config("mixtral", vocab_size=300), seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for layer in find_moe_layers(model):
-            layer.block.gate.weight.copy_(torch.randn(layer.block.gate.weight.shape, generator=g))
-            layer.block.experts.down_proj.mul_(30.0)  # make the routed part matter next to the residual
-    return model
-
-
-class CopyOfLayer(TokenStandIn):
-    def __init__(self, moe: MoELayer):
-        super().__init__(moe.hidden_size)
-        self.moe = moe
-
-    def forward(self, x):
-        r = self.moe.route(x)
-        return self.moe.experts(x, r.indices, r.weights)
-
-    def flops_per_token(self) -> int:
-        return self.moe.active_expert_flops_per_token()
+    return tiny_model(
+        seed=seed, vocab_size=300, routed_gain=30.0
+    )  # the routed part matters next to the residual
 
 
 @pytest.fixture(scope="module")

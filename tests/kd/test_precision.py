@@ -112,23 +112,13 @@ def test_an_unknown_device_stops_sft_and_kd_before_the_run_folder_exists(setting
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
-def test_an_sft_run_interrupted_on_cuda_resumes_on_the_cpu(setting, tmp_path, monkeypatch):
+def test_an_sft_run_interrupted_on_cuda_resumes_on_the_cpu(setting, tmp_path, interrupted_sft):
     data, _ = setting
     cfg = SFTConfig(
         data=str(data), model="quick-student", vocab_size=280, device="cuda", dtype="bf16", **SMALL
     )
     cfg = cfg.replace(steps=4)
-    original = SFTRecipe._train_step
-
-    def interrupt_at_step_3(self, step, examples):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(self, step, examples)
-
-    monkeypatch.setattr(SFTRecipe, "_train_step", interrupt_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        SFTRecipe(cfg, tmp_path / "r").setup().train()
-    monkeypatch.setattr(SFTRecipe, "_train_step", original)
+    interrupted_sft(cfg, tmp_path / "r", at=2)
     resumed = SFTRecipe(cfg.replace(device="cpu"), tmp_path / "r", resume=True).setup()
     assert resumed.start_step == 2
     summary = resumed.train()

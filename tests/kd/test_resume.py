@@ -36,21 +36,10 @@ def _cfg(data):
     )
 
 
-def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path, monkeypatch):
+def test_resume_after_an_interruption_matches_an_unbroken_run(tmp_path, interrupted_sft):
     cfg = _cfg(_data(tmp_path / "d.jsonl"))
     unbroken = SFTRecipe(cfg, tmp_path / "a").setup().train()
-
-    original = SFTRecipe._train_step
-
-    def interrupt_at_step_3(self, step, examples):
-        if step == 2:
-            raise KeyboardInterrupt
-        return original(self, step, examples)
-
-    monkeypatch.setattr(SFTRecipe, "_train_step", interrupt_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        SFTRecipe(cfg, tmp_path / "b").setup().train()
-    monkeypatch.setattr(SFTRecipe, "_train_step", original)
+    interrupted_sft(cfg, tmp_path / "b", at=2)
     with pytest.raises(UserError, match="--resume"):
         SFTRecipe(cfg, tmp_path / "b").setup()
     resumed = SFTRecipe(cfg, tmp_path / "b", resume=True).setup().train()

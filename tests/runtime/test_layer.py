@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from load_aware_helpers import make_ids, tiny_model
+from load_aware_helpers import CopyOfLayer, make_ids, tiny_model
 
 from moe_understudy.config import RuntimeConfig
 from moe_understudy.errors import UserError
@@ -30,21 +30,6 @@ class Constant(TokenStandIn):
 
     def flops_per_token(self) -> int:
         return 0
-
-
-class CopyOfLayer(TokenStandIn):
-    """An understudy that is exactly the layer's routed part (router + experts)."""
-
-    def __init__(self, moe: MoELayer):
-        super().__init__(moe.hidden_size)
-        self.moe = moe
-
-    def forward(self, x):
-        r = self.moe.route(x)
-        return self.moe.experts(x, r.indices, r.weights)
-
-    def flops_per_token(self) -> int:
-        return self.moe.active_expert_flops_per_token()
 
 
 class ExactShadows(AssignmentStandIn):
