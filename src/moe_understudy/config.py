@@ -414,6 +414,7 @@ class DistillConfig(StageConfig):
     # trunk: shared hidden width, None: I // 2
     kind: str = "swiglu"  # shadows: swiglu | lowrank
     film: bool = True  # trunk: per-expert shifts of the hidden units beside the per-expert scales
+    adapter_rank: int = 0  # trunk: rank of a per-expert low-rank linear correction B_e A_e x (0: none)
     init: str | None = None  # trunk: merged | union | random (None: merged); shadows: teacher | random
     # auto: assignment-level stand-ins fit per (token, expert) targets from the experts, token-level ones
     # the captured routed output; combined: every arch fits the captured routed output
@@ -446,8 +447,10 @@ class DistillConfig(StageConfig):
         _canonical_dtypes(self, "dtype")
         if self.objective not in ("auto", "combined"):
             raise ValueError(f"objective must be auto or combined, got {self.objective!r}.")
-        if self.extra_experts < 0:
-            raise ValueError(f"extra_experts must be >= 0, got {self.extra_experts}.")
+        if self.extra_experts < 0 or self.adapter_rank < 0:
+            raise ValueError(
+                f"extra_experts and adapter_rank must be >= 0, got {self.extra_experts} and {self.adapter_rank}."
+            )
         if self.loss not in ("mse", "cosine", "relative"):
             raise ValueError(f"loss must be mse, cosine or relative, got {self.loss!r}.")
         if self.steps <= 0 or self.batch_tokens <= 0 or self.eval_every <= 0 or self.patience <= 0:

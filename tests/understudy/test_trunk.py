@@ -25,6 +25,24 @@ def test_the_trunk_serves_single_assignments_and_reports_its_size(tiny_layer):
     assert GatedTrunk(H, E, K, w + 1).flops_per_assignment() > 0.5 * tiny_layer.expert_flops_per_token()
 
 
+def test_adapters_add_their_parameters_and_per_pair_flops_and_start_as_the_plain_trunk(
+    tiny_layer, routed_rows
+):
+    plain = build_understudy("trunk", tiny_layer, seed=0, width=8, usage=torch.ones(E))
+    adapted = build_understudy("trunk", tiny_layer, seed=0, width=8, usage=torch.ones(E), adapter_rank=3)
+    assert adapted.param_count() == plain.param_count() + 2 * H * E * 3
+    assert adapted.flops_per_assignment() == plain.flops_per_assignment() + 4 * H * 3
+    rows = routed_rows(tiny_layer, n=8)
+    torch.testing.assert_close(
+        adapted(rows["x"], rows["indices"], rows["weights"]),
+        plain(rows["x"], rows["indices"], rows["weights"]),
+    )
+    assert from_config("trunk", adapted.config()).adapter_rank == 3
+    # the default width leaves room for the adapter within half an expert's FLOPs per lone assignment
+    default = build_understudy("trunk", tiny_layer, seed=0, usage=torch.ones(E), adapter_rank=3)
+    assert default.flops_per_assignment() <= 0.5 * tiny_layer.expert_flops_per_token()
+
+
 def test_a_tokens_assignments_share_one_trunk_pass(tiny_layer):
     trunk = build_understudy("trunk", tiny_layer, seed=0, usage=torch.ones(E))
     served = torch.tensor([[True, True], [True, False], [False, False]])
@@ -84,22 +102,34 @@ def test_the_assignment_objective_draws_extra_experts_outside_the_top_k(tiny_lay
     assert not (idx[:, K:] == idx[:, :K]).any(-1).any()  # the extra expert is not one of the routed
 
 
-def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(tiny_layer, routed_rows):
+def _perturbed_adapters(trunk):
+    if trunk.adapter_rank:  # B starts at zero, where the adapter would be invisible
+        with torch.no_grad():
+            trunk.adapter_out.normal_(std=0.1)
+    return trunk
+
+
+@pytest.mark.parametrize("adapter_rank", [0, 3])
+def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(
+    tiny_layer, routed_rows, adapter_rank
+):
     from moe_understudy.moe.standins import AssignmentStandIn
 
-    trunk = build_understudy("trunk", tiny_layer, seed=0, init="random")
+    trunk = build_understudy("trunk", tiny_layer, seed=0, init="random", adapter_rank=adapter_rank)
     with torch.no_grad():
         trunk.shift.normal_()
+    _perturbed_adapters(trunk)
     rows = routed_rows(tiny_layer, n=8)
     generic = AssignmentStandIn.pair_outputs(trunk, rows["x"], rows["indices"])  # one forward per pair
     torch.testing.assert_close(trunk.pair_outputs(rows["x"], rows["indices"]), generic, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("film", [True, False])
+@pytest.mark.parametrize(("film", "adapter_rank"), [(True, 0), (False, 0), (True, 3)])
 def test_serving_a_mix_of_assignments_equals_the_weighted_per_pair_outputs_in_value_and_gradient(
-    tiny_layer, routed_rows, film
+    tiny_layer, routed_rows, film, adapter_rank
 ):
-    trunk = build_understudy("trunk", tiny_layer, seed=0, film=film, init="random")
+    trunk = build_understudy("trunk", tiny_layer, seed=0, film=film, init="random", adapter_rank=adapter_rank)
+    _perturbed_adapters(trunk)
     with torch.no_grad():
         trunk.scale.uniform_(0.5, 1.5)
         if film:

@@ -121,6 +121,12 @@ def distill(
             help="trunk: per-expert shifts of the hidden units beside the scales (default on).",
         ),
     ] = None,
+    adapter_rank: Annotated[
+        int | None,
+        typer.Option(
+            help="trunk: rank r of a per-expert low-rank correction B_e A_e x (2 H E r parameters; default 0: none)."
+        ),
+    ] = None,
     init: Annotated[
         str | None,
         typer.Option(help="trunk: merged (default), union or random; shadows: teacher (default) or random."),

@@ -61,7 +61,13 @@ def arch_kwargs(cfg: DistillConfig, store: CaptureStore, layer: MoELayer) -> dic
             "usage": store.usage(layer.index),
         }
     if cfg.arch == "trunk":
-        return {"width": cfg.width, "film": cfg.film, "init": cfg.init, "usage": store.usage(layer.index)}
+        return {
+            "width": cfg.width,
+            "film": cfg.film,
+            "adapter_rank": cfg.adapter_rank,
+            "init": cfg.init,
+            "usage": store.usage(layer.index),
+        }
     return {"kind": cfg.kind, "width": cfg.width, "init": cfg.init}
 
 

@@ -258,25 +258,49 @@ class GatedTrunk(AssignmentStandIn):
     All of a token's stand-in-served assignments cost one trunk pass (6 H w FLOPs) plus about 8 w
     elementwise FLOPs each, so the cost per served assignment falls as more of a token overflows. Memory
     is 3 H w + 3 E w parameters: at w = I / 2 about half a routed expert plus the per-expert vectors.
+
+    `adapter_rank` r > 0 adds a per-expert low-rank linear correction, S(x, e) += B_e A_e x with A_e (r, H)
+    and B_e (H, r) (B starts at zero, so the trunk is unchanged at the start): 2 H E r more parameters and
+    4 H r more FLOPs per served assignment, for expert-specific directions the shared hidden units miss.
     """
 
     arch = "trunk"
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, width: int, film: bool = True) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        width: int,
+        film: bool = True,
+        adapter_rank: int = 0,
+    ) -> None:
         super().__init__(hidden_size)
-        if width <= 0:
-            raise UserError(f"The trunk width must be positive, got {width}.")
+        if width <= 0 or adapter_rank < 0:
+            raise UserError(
+                f"The trunk needs a positive width and a non-negative adapter rank, got {width} and {adapter_rank}."
+            )
         self.num_experts, self.top_k, self.width, self.film = num_experts, top_k, width, film
+        self.adapter_rank = adapter_rank
         self.gate_up = nn.Parameter(torch.empty(2 * width, hidden_size))  # (2w, H): G rows then U rows
         self.down = nn.Parameter(torch.empty(hidden_size, width))  # (H, w)
         self.scale = nn.Parameter(torch.ones(num_experts, width))  # s_e
         self.shift = nn.Parameter(torch.zeros(num_experts, 2, width)) if film else None  # c_e, d_e
         _init_linear(self.gate_up, hidden_size)
         _init_linear(self.down, width, scale=0.1)
+        if adapter_rank:
+            self.adapter_in = nn.Parameter(torch.empty(num_experts, adapter_rank, hidden_size))  # A_e
+            self.adapter_out = nn.Parameter(torch.zeros(num_experts, hidden_size, adapter_rank))  # B_e
+            _init_linear(self.adapter_in, hidden_size)
 
     @property
     def intermediate(self) -> int:  # the name merge_experts_into reads
         return self.width
+
+    def _adapted(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (P, H), experts (P,) -> (P, H): each pair's B_e A_e x, with its expert's matrices gathered."""
+        z = torch.bmm(self.adapter_in.index_select(0, experts), x[:, :, None])  # (P, r, 1)
+        return torch.bmm(self.adapter_out.index_select(0, experts), z).squeeze(-1)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """x (T, H), indices/weights (T, k) -> (T, H) weighted sum over assignments; index E is skipped.
@@ -305,7 +329,11 @@ class GatedTrunk(AssignmentStandIn):
         weight = weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None]
         h = F.silu(gu[:, :W]).mul_(gu[:, W:]).mul_(cond[:, -W:]).mul_(weight)  # (P, w)
         hidden = torch.zeros(rows.numel(), W, dtype=x.dtype, device=x.device).index_add_(0, row_of_pair, h)
-        return out.index_copy_(0, rows, F.linear(hidden, self.down))
+        served = F.linear(hidden, self.down)
+        if self.adapter_rank:
+            x_pairs = x.index_select(0, pairs // k)
+            served.index_add_(0, row_of_pair, self._adapted(x_pairs, experts).mul_(weight))
+        return out.index_copy_(0, rows, served)
 
     def _hidden(self, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """g, u (R, w), idx (R, n) -> (R, n, w): each expert's conditioned hidden units."""
@@ -319,15 +347,24 @@ class GatedTrunk(AssignmentStandIn):
     def pair_outputs(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x (N, H), indices (N, n) -> (N, n, H): one trunk pass per token, one down projection per pair."""
         g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        return F.linear(self._hidden(g, u, indices), self.down)
+        out = F.linear(self._hidden(g, u, indices), self.down)
+        if self.adapter_rank:
+            N, n = indices.shape
+            flat = self._adapted(x[:, None].expand(N, n, -1).reshape(N * n, -1), indices.reshape(-1))
+            out = out + flat.view(N, n, -1)
+        return out
+
+    def _pair_flops(self) -> int:
+        """FLOPs of one served assignment beyond the token's trunk pass: FiLM, and the adapter if any."""
+        return 8 * self.width + 4 * self.hidden_size * self.adapter_rank
 
     def flops_per_assignment(self) -> float:
-        return 6 * self.hidden_size * self.width + 8 * self.width
+        return 6 * self.hidden_size * self.width + self._pair_flops()
 
     def token_flops(self, served: torch.Tensor) -> torch.Tensor:
-        """(T,) one trunk pass per token with any served assignment, plus the per-assignment FiLM work."""
+        """(T,) one trunk pass per token with any served assignment, plus the per-assignment work."""
         n = served.sum(-1).double()
-        return (n > 0).double() * (6 * self.hidden_size * self.width) + n * (8 * self.width)
+        return (n > 0).double() * (6 * self.hidden_size * self.width) + n * self._pair_flops()
 
     def config(self) -> dict[str, Any]:
         return {
@@ -336,6 +373,7 @@ class GatedTrunk(AssignmentStandIn):
             "top_k": self.top_k,
             "width": self.width,
             "film": self.film,
+            "adapter_rank": self.adapter_rank,
         }
 
 
@@ -366,8 +404,8 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
                init "random" | "teacher" (copy the router rows and expert units of the most-used experts)
     shadows:   kind "swiglu" | "lowrank", width (default I // 4), init "teacher" | "random"
     trunk:     width (default the widest with at most half an expert's FLOPs for a lone served assignment,
-               about I // 2), film
-               (default True), init "merged" (needs usage) | "union" | "random"
+               about I // 2), film (default True), adapter_rank (default 0: none),
+               init "merged" (needs usage) | "union" | "random"
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -408,8 +446,9 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
     if arch == "trunk":
         init = kw.pop("init", "merged")
         # default: the widest trunk whose lone served assignment costs at most half an expert's FLOPs
-        width = int(kw.pop("width", max(1, (3 * H * inter) // (6 * H + 8))))
-        module = GatedTrunk(H, E, k, width=width, film=bool(kw.pop("film", True)))
+        rank = int(kw.pop("adapter_rank", 0))
+        width = int(kw.pop("width", max(1, (3 * H * inter - 4 * H * rank) // (6 * H + 8))))
+        module = GatedTrunk(H, E, k, width=width, film=bool(kw.pop("film", True)), adapter_rank=rank)
         if init != "random":
             trunk_from_experts(module, layer, kw.pop("usage", None), init)
         return module
