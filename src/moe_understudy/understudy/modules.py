@@ -4,7 +4,8 @@ Token-level understudies (`TokenStandIn`, moe/standins.py) map block inputs x (T
 approximation of the layer's ROUTED output (shared experts excluded: they stay local and are always
 computed): dense, lowrank, merged (dense warm-started from the experts) and small_moe.
 Assignment-level stand-ins (`AssignmentStandIn`) are called like `MoELayer.experts(x, indices,
-weights)` and replace single overflowing assignments: `Shadows`, one small stand-in per expert.
+weights)` and replace single overflowing assignments: `Shadows`, one small stand-in per expert, and
+`GatedTrunk`, one trunk for all experts (assignment.py).
 
 Every module reports `param_count()`, `memory_expert_equiv()` and its FLOPs (multiply-adds x2) so
 its cost can be stated next to the layer's active routed-expert FLOPs (`cost_ratio`). `config()`
@@ -13,7 +14,6 @@ returns the keyword arguments that rebuild the same shapes; `io.py` stores it ne
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -22,7 +22,9 @@ from torch import nn
 
 from moe_understudy.errors import UserError
 from moe_understudy.moe.adapters import MoELayer
-from moe_understudy.moe.standins import AssignmentStandIn, TokenStandIn
+from moe_understudy.moe.standins import TokenStandIn
+from moe_understudy.understudy.assignment import GatedTrunk, Shadows
+from moe_understudy.understudy.functional import init_linear, swiglu
 from moe_understudy.understudy.warmstart import (
     copy_teacher_experts,
     merge_experts_into,
@@ -39,16 +41,6 @@ class Understudy(TokenStandIn):
     """Base class of token-level understudies: x (T, H) -> (T, H) approximating one MoE layer's routed output."""
 
 
-def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """x (T, H), gate_up (2I, H), down (H, I) -> (T, H): down(silu(gate x) * up x)."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # (T, I) each
-    return F.linear(F.silu(gate) * up, down)
-
-
-def _init_linear(weight: torch.Tensor, fan_in: int, scale: float = 1.0) -> None:
-    nn.init.normal_(weight, std=scale / math.sqrt(fan_in))
-
-
 class DenseUnderstudy(Understudy):
     """SwiGLU MLP H -> I -> H. Arch "merged" is the same module warm-started from the experts."""
 
@@ -60,13 +52,13 @@ class DenseUnderstudy(Understudy):
         self.intermediate = intermediate
         self.gate_up = nn.Parameter(torch.empty(2 * intermediate, hidden_size))  # (2I, H) gate rows then up
         self.down = nn.Parameter(torch.empty(hidden_size, intermediate))  # (H, I)
-        _init_linear(self.gate_up, hidden_size)
-        _init_linear(
+        init_linear(self.gate_up, hidden_size)
+        init_linear(
             self.down, intermediate, scale=0.1
         )  # small output at start: error begins near 1, not above
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _swiglu(x, self.gate_up, self.down)
+        return swiglu(x, self.gate_up, self.down)
 
     def flops_per_token(self) -> int:
         return 2 * 3 * self.hidden_size * self.intermediate
@@ -96,14 +88,14 @@ class LowRankUnderstudy(Understudy):
         self.gate_up = nn.Parameter(torch.empty(2 * intermediate, rank))  # G;U (2I, r)
         self.mid = nn.Parameter(torch.empty(rank, intermediate))  # D (r, I)
         self.out = nn.Parameter(torch.empty(hidden_size, rank))  # B (H, r)
-        _init_linear(self.inp, hidden_size)
-        _init_linear(self.gate_up, rank)
-        _init_linear(self.mid, intermediate)
-        _init_linear(self.out, rank, scale=0.1)
+        init_linear(self.inp, hidden_size)
+        init_linear(self.gate_up, rank)
+        init_linear(self.mid, intermediate)
+        init_linear(self.out, rank, scale=0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.inp)  # (T, r)
-        return F.linear(_swiglu(z, self.gate_up, self.mid), self.out)  # (T, r) -> (T, H)
+        return F.linear(swiglu(z, self.gate_up, self.mid), self.out)  # (T, r) -> (T, H)
 
     def flops_per_token(self) -> int:
         return 2 * (2 * self.hidden_size * self.rank + 3 * self.rank * self.intermediate)
@@ -129,7 +121,7 @@ def _batched_experts(
         token, slot = torch.where(indices == e)  # assignments of expert e
         if token.numel() == 0:
             continue
-        y = _swiglu(x[token], gate_up[e], down[e]) * weights[token, slot, None].to(x.dtype)
+        y = swiglu(x[token], gate_up[e], down[e]) * weights[token, slot, None].to(x.dtype)
         out = out.index_add(0, token, y)
     return out
 
@@ -152,9 +144,9 @@ class SmallMoEUnderstudy(Understudy):
         self.router = nn.Parameter(torch.empty(num_experts, hidden_size))  # (E', H)
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate, hidden_size))  # (E', 2I', H)
         self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate))  # (E', H, I')
-        _init_linear(self.router, hidden_size)
-        _init_linear(self.gate_up, hidden_size)
-        _init_linear(self.down, intermediate, scale=0.1)
+        init_linear(self.router, hidden_size)
+        init_linear(self.gate_up, hidden_size)
+        init_linear(self.down, intermediate, scale=0.1)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, H) -> (weights (T, k) renormalised softmax top-k, indices (T, k))."""
@@ -178,202 +170,6 @@ class SmallMoEUnderstudy(Understudy):
             "num_experts": self.num_experts,
             "intermediate": self.intermediate,
             "top_k": self.top_k,
-        }
-
-
-class Shadows(AssignmentStandIn):
-    """One compressed stand-in per expert, S_e(x) ~ E_e(x): narrow SwiGLU ("swiglu") or rank-r linear ("lowrank").
-
-    `forward(x, indices, weights)` has the contract of `MoELayer.experts`.
-    """
-
-    arch = "shadows"
-
-    def __init__(
-        self, hidden_size: int, num_experts: int, top_k: int, kind: str = "swiglu", width: int = 64
-    ) -> None:
-        super().__init__(hidden_size)
-        if kind not in ("swiglu", "lowrank"):
-            raise UserError(f"Unknown shadow kind {kind!r}; use 'swiglu' or 'lowrank'.")
-        if width <= 0:
-            raise UserError(f"Shadow width (intermediate or rank) must be positive, got {width}.")
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.kind = kind
-        self.width = width
-        rows = 2 * width if kind == "swiglu" else width
-        self.inp = nn.Parameter(torch.empty(num_experts, rows, hidden_size))  # (E, 2w or w, H)
-        self.out = nn.Parameter(torch.empty(num_experts, hidden_size, width))  # (E, H, w)
-        _init_linear(self.inp, hidden_size)
-        _init_linear(self.out, width, scale=0.1)
-
-    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Shadow of expert e on x (A, H) -> (A, H)."""
-        if self.kind == "swiglu":
-            return _swiglu(x, self.inp[e], self.out[e])
-        return F.linear(F.linear(x, self.inp[e]), self.out[e])
-
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """x (T, H), indices/weights (T, k) -> (T, H); an index equal to num_experts is skipped.
-
-        The served pairs are sorted by expert once and each shadow runs on its contiguous slice
-        (one host sync for the counts, one scatter at the end), as grouped-GEMM MoE kernels do.
-        """
-        k = indices.shape[1]
-        flat = indices.reshape(-1)
-        pairs = (flat < self.num_experts).nonzero().squeeze(1)
-        out = torch.zeros_like(x)
-        if pairs.numel() == 0:
-            return out
-        experts, order = flat.index_select(0, pairs).sort(stable=True)
-        pairs = pairs.index_select(0, order)
-        tokens = pairs // k
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
-        slices = x.index_select(0, tokens).split(counts)
-        y = torch.cat([self._expert(rows, e) for e, rows in enumerate(slices) if rows.shape[0]])
-        return out.index_add_(0, tokens, y * weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None])
-
-    def flops_per_assignment(self) -> int:
-        per = 3 if self.kind == "swiglu" else 2
-        return 2 * per * self.hidden_size * self.width
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "hidden_size": self.hidden_size,
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "kind": self.kind,
-            "width": self.width,
-        }
-
-
-class GatedTrunk(AssignmentStandIn):
-    """One SwiGLU trunk per layer for all its experts, conditioned on the expert: S(x, e) ~ E_e(x).
-
-        g, u = G x, U x                                   (w,) each, once per token
-        h_e  = silu(g + c_e) * (u + d_e) * s_e            per (token, expert): FiLM on the hidden units
-        sum_e w_e S(x, e) = D (sum_e w_e h_e)             one down projection for all of a token's assignments
-
-    G/U (w, H), D (H, w) shared; s_e, c_e, d_e (w,) per expert (`film=False` keeps only the scales s_e).
-    All of a token's stand-in-served assignments cost one trunk pass (6 H w FLOPs) plus about 8 w
-    elementwise FLOPs each, so the cost per served assignment falls as more of a token overflows. Memory
-    is 3 H w + 3 E w parameters: at w = I / 2 about half a routed expert plus the per-expert vectors.
-
-    `adapter_rank` r > 0 adds a per-expert low-rank linear correction, S(x, e) += B_e A_e x with A_e (r, H)
-    and B_e (H, r) (B starts at zero, so the trunk is unchanged at the start): 2 H E r more parameters and
-    4 H r more FLOPs per served assignment, for expert-specific directions the shared hidden units miss.
-    """
-
-    arch = "trunk"
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        top_k: int,
-        width: int,
-        film: bool = True,
-        adapter_rank: int = 0,
-    ) -> None:
-        super().__init__(hidden_size)
-        if width <= 0 or adapter_rank < 0:
-            raise UserError(
-                f"The trunk needs a positive width and a non-negative adapter rank, got {width} and {adapter_rank}."
-            )
-        self.num_experts, self.top_k, self.width, self.film = num_experts, top_k, width, film
-        self.adapter_rank = adapter_rank
-        self.gate_up = nn.Parameter(torch.empty(2 * width, hidden_size))  # (2w, H): G rows then U rows
-        self.down = nn.Parameter(torch.empty(hidden_size, width))  # (H, w)
-        self.scale = nn.Parameter(torch.ones(num_experts, width))  # s_e
-        self.shift = nn.Parameter(torch.zeros(num_experts, 2, width)) if film else None  # c_e, d_e
-        _init_linear(self.gate_up, hidden_size)
-        _init_linear(self.down, width, scale=0.1)
-        if adapter_rank:
-            self.adapter_in = nn.Parameter(torch.empty(num_experts, adapter_rank, hidden_size))  # A_e
-            self.adapter_out = nn.Parameter(torch.zeros(num_experts, hidden_size, adapter_rank))  # B_e
-            _init_linear(self.adapter_in, hidden_size)
-
-    @property
-    def intermediate(self) -> int:  # the name merge_experts_into reads
-        return self.width
-
-    def _adapted(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x (P, H), experts (P,) -> (P, H): each pair's B_e A_e x, with its expert's matrices gathered."""
-        z = torch.bmm(self.adapter_in.index_select(0, experts), x[:, :, None])  # (P, r, 1)
-        return torch.bmm(self.adapter_out.index_select(0, experts), z).squeeze(-1)
-
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """x (T, H), indices/weights (T, k) -> (T, H) weighted sum over assignments; index E is skipped.
-
-        Works on the served (token, expert) pairs only, with one gather of each pair's FiLM vectors:
-        the trunk pass is cheap, so on small layers gathers and elementwise passes set the time.
-        """
-        T, k = indices.shape
-        W, E = self.width, self.num_experts
-        valid = indices < E  # (T, k)
-        pairs = valid.reshape(-1).nonzero().squeeze(1)  # (P,) flat (token, slot) positions
-        out = torch.zeros_like(x)
-        if pairs.numel() == 0:
-            return out
-        has = valid.any(-1)
-        rows = has.nonzero().squeeze(1)  # (R,) tokens with a served assignment
-        row_of_pair = (has.cumsum(0) - 1).index_select(0, pairs // k)  # (P,) into rows
-        gu = F.linear(x.index_select(0, rows), self.gate_up).index_select(0, row_of_pair)  # (P, 2w)
-        experts = indices.reshape(-1).index_select(0, pairs)
-        per_expert = (
-            self.scale if self.shift is None else torch.cat([self.shift.reshape(E, 2 * W), self.scale], 1)
-        )
-        cond = F.embedding(experts, per_expert)  # (P, [2w shifts +] w scales)
-        if self.shift is not None:
-            gu = gu.add_(cond[:, : 2 * W])
-        weight = weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None]
-        h = F.silu(gu[:, :W]).mul_(gu[:, W:]).mul_(cond[:, -W:]).mul_(weight)  # (P, w)
-        hidden = torch.zeros(rows.numel(), W, dtype=x.dtype, device=x.device).index_add_(0, row_of_pair, h)
-        served = F.linear(hidden, self.down)
-        if self.adapter_rank:
-            x_pairs = x.index_select(0, pairs // k)
-            served.index_add_(0, row_of_pair, self._adapted(x_pairs, experts).mul_(weight))
-        return out.index_copy_(0, rows, served)
-
-    def _hidden(self, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """g, u (R, w), idx (R, n) -> (R, n, w): each expert's conditioned hidden units."""
-        if self.shift is not None:
-            shift = self.shift[idx]  # (R, n, 2, w)
-            h = F.silu(g[:, None] + shift[:, :, 0]) * (u[:, None] + shift[:, :, 1])
-        else:
-            h = (F.silu(g) * u)[:, None]
-        return h * self.scale[idx]
-
-    def pair_outputs(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x (N, H), indices (N, n) -> (N, n, H): one trunk pass per token, one down projection per pair."""
-        g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        out = F.linear(self._hidden(g, u, indices), self.down)
-        if self.adapter_rank:
-            N, n = indices.shape
-            flat = self._adapted(x[:, None].expand(N, n, -1).reshape(N * n, -1), indices.reshape(-1))
-            out = out + flat.view(N, n, -1)
-        return out
-
-    def _pair_flops(self) -> int:
-        """FLOPs of one served assignment beyond the token's trunk pass: FiLM, and the adapter if any."""
-        return 8 * self.width + 4 * self.hidden_size * self.adapter_rank
-
-    def flops_per_assignment(self) -> float:
-        return 6 * self.hidden_size * self.width + self._pair_flops()
-
-    def token_flops(self, served: torch.Tensor) -> torch.Tensor:
-        """(T,) one trunk pass per token with any served assignment, plus the per-assignment work."""
-        n = served.sum(-1).double()
-        return (n > 0).double() * (6 * self.hidden_size * self.width) + n * self._pair_flops()
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "hidden_size": self.hidden_size,
-            "num_experts": self.num_experts,
-            "top_k": self.top_k,
-            "width": self.width,
-            "film": self.film,
-            "adapter_rank": self.adapter_rank,
         }
 
 

@@ -1,0 +1,212 @@
+"""Assignment-level stand-ins: called like `MoELayer.experts(x, indices, weights)`, they serve single
+overflowing (token, expert) assignments. `Shadows` holds one small stand-in per expert; `GatedTrunk`
+one SwiGLU trunk for all experts of a layer, conditioned on the expert (bounded memory).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_understudy.errors import UserError
+from moe_understudy.moe.standins import AssignmentStandIn
+from moe_understudy.understudy.functional import init_linear, swiglu
+
+
+class Shadows(AssignmentStandIn):
+    """One compressed stand-in per expert, S_e(x) ~ E_e(x): narrow SwiGLU ("swiglu") or rank-r linear ("lowrank").
+
+    `forward(x, indices, weights)` has the contract of `MoELayer.experts`.
+    """
+
+    arch = "shadows"
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, kind: str = "swiglu", width: int = 64
+    ) -> None:
+        super().__init__(hidden_size)
+        if kind not in ("swiglu", "lowrank"):
+            raise UserError(f"Unknown shadow kind {kind!r}; use 'swiglu' or 'lowrank'.")
+        if width <= 0:
+            raise UserError(f"Shadow width (intermediate or rank) must be positive, got {width}.")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.kind = kind
+        self.width = width
+        rows = 2 * width if kind == "swiglu" else width
+        self.inp = nn.Parameter(torch.empty(num_experts, rows, hidden_size))  # (E, 2w or w, H)
+        self.out = nn.Parameter(torch.empty(num_experts, hidden_size, width))  # (E, H, w)
+        init_linear(self.inp, hidden_size)
+        init_linear(self.out, width, scale=0.1)
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Shadow of expert e on x (A, H) -> (A, H)."""
+        if self.kind == "swiglu":
+            return swiglu(x, self.inp[e], self.out[e])
+        return F.linear(F.linear(x, self.inp[e]), self.out[e])
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """x (T, H), indices/weights (T, k) -> (T, H); an index equal to num_experts is skipped.
+
+        The served pairs are sorted by expert once and each shadow runs on its contiguous slice
+        (one host sync for the counts, one scatter at the end), as grouped-GEMM MoE kernels do.
+        """
+        k = indices.shape[1]
+        flat = indices.reshape(-1)
+        pairs = (flat < self.num_experts).nonzero().squeeze(1)
+        out = torch.zeros_like(x)
+        if pairs.numel() == 0:
+            return out
+        experts, order = flat.index_select(0, pairs).sort(stable=True)
+        pairs = pairs.index_select(0, order)
+        tokens = pairs // k
+        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
+        slices = x.index_select(0, tokens).split(counts)
+        y = torch.cat([self._expert(rows, e) for e, rows in enumerate(slices) if rows.shape[0]])
+        return out.index_add_(0, tokens, y * weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None])
+
+    def flops_per_assignment(self) -> int:
+        per = 3 if self.kind == "swiglu" else 2
+        return 2 * per * self.hidden_size * self.width
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "kind": self.kind,
+            "width": self.width,
+        }
+
+
+class GatedTrunk(AssignmentStandIn):
+    """One SwiGLU trunk per layer for all its experts, conditioned on the expert: S(x, e) ~ E_e(x).
+
+        g, u = G x, U x                                   (w,) each, once per token
+        h_e  = silu(g + c_e) * (u + d_e) * s_e            per (token, expert): FiLM on the hidden units
+        sum_e w_e S(x, e) = D (sum_e w_e h_e)             one down projection for all of a token's assignments
+
+    G/U (w, H), D (H, w) shared; s_e, c_e, d_e (w,) per expert (`film=False` keeps only the scales s_e).
+    All of a token's stand-in-served assignments cost one trunk pass (6 H w FLOPs) plus about 8 w
+    elementwise FLOPs each, so the cost per served assignment falls as more of a token overflows. Memory
+    is 3 H w + 3 E w parameters: at w = I / 2 about half a routed expert plus the per-expert vectors.
+
+    `adapter_rank` r > 0 adds a per-expert low-rank linear correction, S(x, e) += B_e A_e x with A_e (r, H)
+    and B_e (H, r) (B starts at zero, so the trunk is unchanged at the start): 2 H E r more parameters and
+    4 H r more FLOPs per served assignment, for expert-specific directions the shared hidden units miss.
+    """
+
+    arch = "trunk"
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        width: int,
+        film: bool = True,
+        adapter_rank: int = 0,
+    ) -> None:
+        super().__init__(hidden_size)
+        if width <= 0 or adapter_rank < 0:
+            raise UserError(
+                f"The trunk needs a positive width and a non-negative adapter rank, got {width} and {adapter_rank}."
+            )
+        self.num_experts, self.top_k, self.width, self.film = num_experts, top_k, width, film
+        self.adapter_rank = adapter_rank
+        self.gate_up = nn.Parameter(torch.empty(2 * width, hidden_size))  # (2w, H): G rows then U rows
+        self.down = nn.Parameter(torch.empty(hidden_size, width))  # (H, w)
+        self.scale = nn.Parameter(torch.ones(num_experts, width))  # s_e
+        self.shift = nn.Parameter(torch.zeros(num_experts, 2, width)) if film else None  # c_e, d_e
+        init_linear(self.gate_up, hidden_size)
+        init_linear(self.down, width, scale=0.1)
+        if adapter_rank:
+            self.adapter_in = nn.Parameter(torch.empty(num_experts, adapter_rank, hidden_size))  # A_e
+            self.adapter_out = nn.Parameter(torch.zeros(num_experts, hidden_size, adapter_rank))  # B_e
+            init_linear(self.adapter_in, hidden_size)
+
+    @property
+    def intermediate(self) -> int:  # the name merge_experts_into reads
+        return self.width
+
+    def _adapted(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (P, H), experts (P,) -> (P, H): each pair's B_e A_e x, with its expert's matrices gathered."""
+        z = torch.bmm(self.adapter_in.index_select(0, experts), x[:, :, None])  # (P, r, 1)
+        return torch.bmm(self.adapter_out.index_select(0, experts), z).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """x (T, H), indices/weights (T, k) -> (T, H) weighted sum over assignments; index E is skipped.
+
+        Works on the served (token, expert) pairs only, with one gather of each pair's FiLM vectors:
+        the trunk pass is cheap, so on small layers gathers and elementwise passes set the time.
+        """
+        T, k = indices.shape
+        W, E = self.width, self.num_experts
+        valid = indices < E  # (T, k)
+        pairs = valid.reshape(-1).nonzero().squeeze(1)  # (P,) flat (token, slot) positions
+        out = torch.zeros_like(x)
+        if pairs.numel() == 0:
+            return out
+        has = valid.any(-1)
+        rows = has.nonzero().squeeze(1)  # (R,) tokens with a served assignment
+        row_of_pair = (has.cumsum(0) - 1).index_select(0, pairs // k)  # (P,) into rows
+        gu = F.linear(x.index_select(0, rows), self.gate_up).index_select(0, row_of_pair)  # (P, 2w)
+        experts = indices.reshape(-1).index_select(0, pairs)
+        per_expert = (
+            self.scale if self.shift is None else torch.cat([self.shift.reshape(E, 2 * W), self.scale], 1)
+        )
+        cond = F.embedding(experts, per_expert)  # (P, [2w shifts +] w scales)
+        if self.shift is not None:
+            gu = gu.add_(cond[:, : 2 * W])
+        weight = weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None]
+        h = F.silu(gu[:, :W]).mul_(gu[:, W:]).mul_(cond[:, -W:]).mul_(weight)  # (P, w)
+        hidden = torch.zeros(rows.numel(), W, dtype=x.dtype, device=x.device).index_add_(0, row_of_pair, h)
+        served = F.linear(hidden, self.down)
+        if self.adapter_rank:
+            x_pairs = x.index_select(0, pairs // k)
+            served.index_add_(0, row_of_pair, self._adapted(x_pairs, experts).mul_(weight))
+        return out.index_copy_(0, rows, served)
+
+    def _hidden(self, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """g, u (R, w), idx (R, n) -> (R, n, w): each expert's conditioned hidden units."""
+        if self.shift is not None:
+            shift = self.shift[idx]  # (R, n, 2, w)
+            h = F.silu(g[:, None] + shift[:, :, 0]) * (u[:, None] + shift[:, :, 1])
+        else:
+            h = (F.silu(g) * u)[:, None]
+        return h * self.scale[idx]
+
+    def pair_outputs(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x (N, H), indices (N, n) -> (N, n, H): one trunk pass per token, one down projection per pair."""
+        g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        out = F.linear(self._hidden(g, u, indices), self.down)
+        if self.adapter_rank:
+            N, n = indices.shape
+            flat = self._adapted(x[:, None].expand(N, n, -1).reshape(N * n, -1), indices.reshape(-1))
+            out = out + flat.view(N, n, -1)
+        return out
+
+    def _pair_flops(self) -> int:
+        """FLOPs of one served assignment beyond the token's trunk pass: FiLM, and the adapter if any."""
+        return 8 * self.width + 4 * self.hidden_size * self.adapter_rank
+
+    def flops_per_assignment(self) -> float:
+        return 6 * self.hidden_size * self.width + self._pair_flops()
+
+    def token_flops(self, served: torch.Tensor) -> torch.Tensor:
+        """(T,) one trunk pass per token with any served assignment, plus the per-assignment work."""
+        n = served.sum(-1).double()
+        return (n > 0).double() * (6 * self.hidden_size * self.width) + n * self._pair_flops()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "width": self.width,
+            "film": self.film,
+            "adapter_rank": self.adapter_rank,
+        }
