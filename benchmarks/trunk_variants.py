@@ -5,7 +5,8 @@ own flags; all are then evaluated side by side in one run on the same held-out b
 score-priority token drop and expanded drop (the strongest baselines, no memory). Every row states
 memory per device (routed experts per MoE layer), FLOPs of a lone served assignment (x one expert's)
 and the measured FLOPs per served assignment at cf 1.0, since the issue caps memory at 1 expert and
-FLOPs per served assignment at 1/2 an expert.
+FLOPs per served assignment at 1/2 an expert. A variant NAME+e2e starts from NAME's layer-wise fit and
+adds 600 end-to-end steps with overflow drawn as at serving (score priority, cf from [1, 2]).
 
     understudy capture runs/teacher --tokens 65536 --out runs/store
     .venv/bin/python benchmarks/trunk_variants.py --model runs/teacher --store runs/store --work runs/probe
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,7 +45,10 @@ VARIANTS = (
     "a8=--steps 1500 --adapter-rank 8",
     "a16=--steps 1500 --adapter-rank 16",
     "union=--steps 1500 --init union",
+    "s1500+e2e=",  # NAME+e2e: NAME's layer-wise fit, then end-to-end steps with serving overflow
+    "a16+e2e=",
 )
+E2E = "--e2e-steps 600 --e2e-overflow serving --e2e-lr 3e-4"
 
 
 def parse_args():
@@ -61,8 +66,11 @@ def parse_args():
     return p.parse_args()
 
 
-def distilled(model: str, store: str, folder: Path, flags: str) -> Path:
-    """The variant's stand-ins in `folder`, distilled layer-wise there unless already done."""
+def distilled(model: str, store: str, folder: Path, flags: str, base: Path | None = None) -> Path:
+    """The variant's stand-ins in `folder`, distilled there unless already done; with `base`, starting
+    from base's finished layer-wise fit (which distill reuses)."""
+    if base is not None and not (folder / "layerwise").exists():
+        shutil.copytree(base / "layerwise", folder / "layerwise")
     if not (folder / "config.json").exists():
         cmd = [UNDERSTUDY, "distill", model, "--store", store, "--arch", "trunk", "--batch-tokens", "512"]
         cmd += ["--out", str(folder), *shlex.split(flags)]
@@ -78,12 +86,15 @@ def main() -> None:
     from moe_understudy.understudy.io import load_understudies
 
     variants = dict(v.split("=", 1) for v in (args.variant or VARIANTS))
+    for name in variants:  # NAME+e2e: NAME's flags (NAME listed before it) and the end-to-end stage
+        if name.endswith("+e2e"):
+            variants[name] = f"{variants[name.removesuffix('+e2e')]} {E2E}"
     capacities = [float(c) for c in args.capacities.split(",")]
     t0 = time.time()
-    folders = {
-        name: distilled(args.model, args.store, Path(args.work) / name, flags)
-        for name, flags in variants.items()
-    }
+    work, folders = Path(args.work), {}
+    for name, flags in variants.items():
+        base = work / name.removesuffix("+e2e") if name.endswith("+e2e") else None
+        folders[name] = distilled(args.model, args.store, work / name, flags, base)
     model, _ = load_model_and_tokenizer(args.model)
     layer = find_moe_layers(model)[0]
     blocks = torch.load(Path(args.model) / "blocks.pt")["val"][: args.blocks]

@@ -104,7 +104,23 @@ class DataConfig(StageConfig):
 
 
 @dataclass(frozen=True)
-class TeacherConfig(StageConfig):
+class TrainRun(StageConfig):
+    """What every training run (`teacher`, `sft`, `kd`) shares: its seed, where it trains, and the dtype
+    its forwards compute in (autocast); the weights stay fp32 (precision.py). Subclasses define `steps`
+    and `batch_size`."""
+
+    seed: int = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        _canonical_dtypes(self, "dtype")
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError("steps and batch_size must be positive.")
+
+
+@dataclass(frozen=True)
+class TeacherConfig(TrainRun):
     """Training a small MoE teacher from scratch (`understudy teacher`)."""
 
     preset: str = "mixtral"  # a name from moe.presets.PRESETS
@@ -129,16 +145,10 @@ class TeacherConfig(StageConfig):
     init_from: str | None = (
         None  # start from this saved model's weights (a continued phase), not from scratch
     )
-    seed: int = 0
     save_at: tuple[int, ...] = ()  # steps after which a full save_pretrained snapshot goes to OUT/at-STEP/
-    # where the run trains and the dtype its forwards compute in (autocast); weights stay fp32 (precision.py)
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
-        _canonical_dtypes(self, "dtype")
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("steps and batch_size must be positive.")
+        super().__post_init__()
         if self.joint_in_loop_from is not None and self.joint_understudy is None:
             raise ValueError(
                 "joint_in_loop_from needs joint_understudy (the stand-in that serves the overflow)."
@@ -190,7 +200,7 @@ KD_DIVERGENCES = ("fkl", "rkl", "skew_fkl", "skew_rkl")
 
 
 @dataclass(frozen=True)
-class InstructionRun(StageConfig):
+class InstructionRun(TrainRun):
     """What a training run on instruction data (`sft`, `kd`) reads, validates on, and runs with."""
 
     data: str = ""  # instruction file (.jsonl/.json, optionally .gz; any format of data/instructions.py)
@@ -204,15 +214,9 @@ class InstructionRun(StageConfig):
     grad_clip: float = 1.0
     eval_every: int = 100  # steps between validation ROUGE-L evaluations / checkpoints
     max_new_tokens: int = 64  # generation length for validation ROUGE-L
-    seed: int = 0
-    # where the run trains and the dtype its forwards compute in (autocast); weights stay fp32 (precision.py)
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    dtype: str = "float32"  # float32 | bfloat16 | float16
 
     def __post_init__(self) -> None:
-        _canonical_dtypes(self, "dtype")
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("steps and batch_size must be positive.")
+        super().__post_init__()
         if not 0 < self.max_prompt < self.max_total:
             raise ValueError(f"need 0 < max_prompt < max_total, got {self.max_prompt} and {self.max_total}.")
         if self.eval_every <= 0 or self.val_examples < 0:
