@@ -44,9 +44,11 @@ VARIANTS = (
     "w240=--steps 1500 --width 240",  # memory ~1 expert, FLOPs ~1 expert per lone assignment
     "a8=--steps 1500 --adapter-rank 8",
     "a16=--steps 1500 --adapter-rank 16",
+    "a24=--steps 1500 --adapter-rank 24",  # memory ~0.94 expert: the adapters' share grows, the trunk narrows
     "union=--steps 1500 --init union",
     "s1500+e2e=",  # NAME+e2e: NAME's layer-wise fit, then end-to-end steps with serving overflow
     "a16+e2e=",
+    "a24+e2e=",
 )
 E2E = "--e2e-steps 600 --e2e-overflow serving --e2e-lr 3e-4"
 
