@@ -5,8 +5,9 @@ own flags; all are then evaluated side by side in one run on the same held-out b
 score-priority token drop and expanded drop (the strongest baselines, no memory). Every row states
 memory per device (routed experts per MoE layer), FLOPs of a lone served assignment (x one expert's)
 and the measured FLOPs per served assignment at cf 1.0, since the issue caps memory at 1 expert and
-FLOPs per served assignment at 1/2 an expert. A variant NAME+e2e starts from NAME's layer-wise fit and
-adds 600 end-to-end steps with overflow drawn as at serving (score priority, cf from [1, 2]).
+FLOPs per served assignment at 1/2 an expert. A variant NAME+e2e... starts from NAME's layer-wise fit
+and adds end-to-end steps with overflow drawn as at serving (score priority, cf from [1, 2]): 600
+unless its own flags say otherwise.
 
     understudy capture runs/teacher --tokens 65536 --out runs/store
     .venv/bin/python benchmarks/trunk_variants.py --model runs/teacher --store runs/store --work runs/probe
@@ -49,6 +50,7 @@ VARIANTS = (
     "s1500+e2e=",  # NAME+e2e: NAME's layer-wise fit, then end-to-end steps with serving overflow
     "a16+e2e=",
     "a24+e2e=",
+    "a24+e2e1500=--e2e-steps 1500 --e2e-overflow serving --e2e-lr 3e-4",
 )
 E2E = "--e2e-steps 600 --e2e-overflow serving --e2e-lr 3e-4"
 
@@ -66,6 +68,11 @@ def parse_args():
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--name", default=NAME)
     return p.parse_args()
+
+
+def _base(name: str) -> str:
+    """The layer-wise variant an end-to-end variant (NAME+e2e...) starts from."""
+    return name.split("+e2e")[0]
 
 
 def distilled(model: str, store: str, folder: Path, flags: str, base: Path | None = None) -> Path:
@@ -88,14 +95,14 @@ def main() -> None:
     from moe_understudy.understudy.io import load_understudies
 
     variants = dict(v.split("=", 1) for v in (args.variant or VARIANTS))
-    for name in variants:  # NAME+e2e: NAME's flags (NAME listed before it) and the end-to-end stage
-        if name.endswith("+e2e"):
-            variants[name] = f"{variants[name.removesuffix('+e2e')]} {E2E}"
+    for name in variants:  # NAME+e2e...: NAME's flags (NAME listed before it), then its own or E2E's
+        if "+e2e" in name:
+            variants[name] = f"{variants[_base(name)]} {variants[name] or E2E}"
     capacities = [float(c) for c in args.capacities.split(",")]
     t0 = time.time()
     work, folders = Path(args.work), {}
     for name, flags in variants.items():
-        base = work / name.removesuffix("+e2e") if name.endswith("+e2e") else None
+        base = work / _base(name) if "+e2e" in name else None
         folders[name] = distilled(args.model, args.store, work / name, flags, base)
     model, _ = load_model_and_tokenizer(args.model)
     layer = find_moe_layers(model)[0]
