@@ -129,9 +129,7 @@ def main() -> None:
         rows += [{**r, **meta} for r in got if r["policy"] == "shadow"]
     seconds = time.time() - t0
 
-    table = Table(
-        title=f"trunk variants, layer-wise, score priority, {len(blocks)} blocks, {args.devices} devices"
-    )
+    table = Table(title=f"trunk variants, score priority, {len(blocks)} blocks, {args.devices} devices")
     for col in (
         "system",
         "memory",

@@ -189,19 +189,16 @@ def command(
         own = inspect.signature(fn, eval_str=True)
         params = list(own.parameters.values())
 
+        kw = inspect.Parameter.KEYWORD_ONLY
+
         def shared(names):
             return [
-                inspect.Parameter(
-                    _SHARED[n][0],
-                    inspect.Parameter.KEYWORD_ONLY,
-                    annotation=_SHARED[n][1],
-                    default=_SHARED[n][2],
-                )
+                inspect.Parameter(_SHARED[n][0], kw, annotation=_SHARED[n][1], default=_SHARED[n][2])
                 for n in names
             ]
 
-        at = 1 + ([p.name for p in params].index("model") if "model" in own.parameters else 0)  # after ctx
-        kw = inspect.Parameter.KEYWORD_ONLY
+        names = list(own.parameters)
+        at = names.index("model") + 1 if "model" in names else 1  # after MODEL, else after ctx
         params = [p.replace(kind=kw) for p in (*params[:at], *shared(lead), *params[at:], *shared(tail))]
 
         @functools.wraps(fn)

@@ -150,9 +150,10 @@ class GatedTrunk(AssignmentStandIn):
         out = torch.zeros_like(x)
         if pairs.numel() == 0:
             return out
+        tokens = pairs // k  # (P,) each pair's token
         has = valid.any(-1)
         rows = has.nonzero().squeeze(1)  # (R,) tokens with a served assignment
-        row_of_pair = (has.cumsum(0) - 1).index_select(0, pairs // k)  # (P,) into rows
+        row_of_pair = (has.cumsum(0) - 1).index_select(0, tokens)  # (P,) into rows
         gu = F.linear(x.index_select(0, rows), self.gate_up).index_select(0, row_of_pair)  # (P, 2w)
         experts = indices.reshape(-1).index_select(0, pairs)
         per_expert = (
@@ -166,8 +167,7 @@ class GatedTrunk(AssignmentStandIn):
         hidden = torch.zeros(rows.numel(), W, dtype=x.dtype, device=x.device).index_add_(0, row_of_pair, h)
         served = F.linear(hidden, self.down)
         if self.adapter_rank:
-            x_pairs = x.index_select(0, pairs // k)
-            served.index_add_(0, row_of_pair, self._adapted(x_pairs, experts).mul_(weight))
+            served.index_add_(0, row_of_pair, self._adapted(x.index_select(0, tokens), experts).mul_(weight))
         return out.index_copy_(0, rows, served)
 
     def _hidden(self, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
