@@ -140,32 +140,37 @@ class GatedTrunk(AssignmentStandIn):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """x (T, H), indices/weights (T, k) -> (T, H) weighted sum over assignments; index E is skipped.
 
-        Works on the served (token, expert) pairs only, with one gather of each pair's FiLM vectors:
-        the trunk pass is cheap, so on small layers gathers and elementwise passes set the time.
+        Works on the served (token, expert) pairs only, with one gather of each pair's FiLM vectors.
+        The trunk pass is cheap, so gathers and elementwise passes set much of the time: G x and U x
+        are two products (each contiguous, which the elementwise kernels need to vectorise), and
+        when no token has two served pairs the gather to pairs and the sum over them are skipped.
         """
-        T, k = indices.shape
+        k = indices.shape[1]
         W, E = self.width, self.num_experts
-        valid = indices < E  # (T, k)
-        pairs = valid.reshape(-1).nonzero().squeeze(1)  # (P,) flat (token, slot) positions
+        pair_at = (indices < E).nonzero()  # (P, 2) (token, slot), tokens ascending
         out = torch.zeros_like(x)
-        if pairs.numel() == 0:
+        if pair_at.shape[0] == 0:
             return out
-        tokens = pairs // k  # (P,) each pair's token
-        has = valid.any(-1)
-        rows = has.nonzero().squeeze(1)  # (R,) tokens with a served assignment
-        row_of_pair = (has.cumsum(0) - 1).index_select(0, tokens)  # (P,) into rows
-        gu = F.linear(x.index_select(0, rows), self.gate_up).index_select(0, row_of_pair)  # (P, 2w)
-        experts = indices.reshape(-1).index_select(0, pairs)
+        tokens, slots = pair_at.unbind(1)
+        rows, row_of_pair = torch.unique_consecutive(tokens, return_inverse=True)  # (R,), (P,) into rows
+        one_per_row = rows.shape[0] == tokens.shape[0]
+        flat = tokens * k + slots
+        experts = indices.reshape(-1).index_select(0, flat)
+        weight = weights.reshape(-1).index_select(0, flat).to(x.dtype)[:, None]
+        x_rows = x.index_select(0, rows)
+        g, u = F.linear(x_rows, self.gate_up[:W]), F.linear(x_rows, self.gate_up[W:])  # (R, w) each
+        if not one_per_row:
+            g, u = g.index_select(0, row_of_pair), u.index_select(0, row_of_pair)  # (P, w) each
         per_expert = (
             self.scale if self.shift is None else torch.cat([self.shift.reshape(E, 2 * W), self.scale], 1)
         )
         cond = F.embedding(experts, per_expert)  # (P, [2w shifts +] w scales)
         if self.shift is not None:
-            gu = gu.add_(cond[:, : 2 * W])
-        weight = weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None]
-        h = F.silu(gu[:, :W]).mul_(gu[:, W:]).mul_(cond[:, -W:]).mul_(weight)  # (P, w)
-        hidden = torch.zeros(rows.numel(), W, dtype=x.dtype, device=x.device).index_add_(0, row_of_pair, h)
-        served = F.linear(hidden, self.down)
+            g, u = g.add_(cond[:, :W]), u.add_(cond[:, W : 2 * W])
+        h = F.silu(g).mul_(u).mul_(cond[:, -W:]).mul_(weight)  # (P, w)
+        if not one_per_row:
+            h = torch.zeros(rows.shape[0], W, dtype=x.dtype, device=x.device).index_add_(0, row_of_pair, h)
+        served = F.linear(h, self.down)
         if self.adapter_rank:
             served.index_add_(0, row_of_pair, self._adapted(x.index_select(0, tokens), experts).mul_(weight))
         return out.index_copy_(0, rows, served)
