@@ -124,9 +124,10 @@ def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(
     torch.testing.assert_close(trunk.pair_outputs(rows["x"], rows["indices"]), generic, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("one_per_token", [False, True], ids=["some-tokens-two-pairs", "one-pair-per-token"])
 @pytest.mark.parametrize(("film", "adapter_rank"), [(True, 0), (False, 0), (True, 3)])
 def test_serving_a_mix_of_assignments_equals_the_weighted_per_pair_outputs_in_value_and_gradient(
-    tiny_layer, routed_rows, film, adapter_rank
+    tiny_layer, routed_rows, film, adapter_rank, one_per_token
 ):
     trunk = build_understudy("trunk", tiny_layer, seed=0, film=film, init="random", adapter_rank=adapter_rank)
     _perturbed_adapters(trunk)
@@ -137,6 +138,8 @@ def test_serving_a_mix_of_assignments_equals_the_weighted_per_pair_outputs_in_va
     rows = routed_rows(tiny_layer, n=16)
     indices = rows["indices"].clone()
     indices[::3, 0] = E  # some slots skipped, as the shadow policy hands them over
+    if one_per_token:  # the trunk's shortcut: no gather to pairs, no sum over them
+        indices[:, 1:] = E
     x = rows["x"].clone().requires_grad_(True)
     served = trunk(x, indices, rows["weights"])
     kept = (indices < E).to(x.dtype)[..., None]
