@@ -9,8 +9,8 @@
    time per token.
 3. Per MoE layer and served assignment: the assignment-level stand-in path (the core's
    `stand_in_output` on the assignments that overflow under score-priority drop at cf 1.0) vs the
-   routed experts per assignment, for the gated trunk and for narrow per-expert shadows of the same
-   memory. Target: time share at most 1.2x the FLOP share (stand-in FLOPs per served assignment /
+   routed experts per assignment, for the gated trunk (plain, and with per-expert adapters of
+   --adapter-rank) and for narrow per-expert shadows of about the same memory. Target: time share at most 1.2x the FLOP share (stand-in FLOPs per served assignment /
    one expert's).
 Timings interleave the compared systems rep by rep and report medians, so CPU contention from other
 processes affects all of them alike (the machine is shared; ratios are the meaningful figures).
@@ -51,6 +51,12 @@ def parse_args():
     p.add_argument("--intermediate", default="128,256,512", help="dense understudy sizes timed in part 2")
     p.add_argument(
         "--shadow-width", type=int, default=32, help="narrow shadows timed in part 3 (8 x 32 = one expert)"
+    )
+    p.add_argument(
+        "--adapter-rank",
+        type=int,
+        default=24,
+        help="part 3 also times the trunk with per-expert adapters of this rank (0: not)",
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=NAME)
@@ -159,7 +165,7 @@ def layer_parts(model, blocks, reps: int, intermediates: list[int]) -> list[dict
 
 
 @torch.no_grad()
-def assignment_parts(model, blocks, reps: int, shadow_width: int) -> list[dict]:
+def assignment_parts(model, blocks, reps: int, shadow_width: int, adapter_rank: int = 0) -> list[dict]:
     """Per layer: the assignment-level stand-in path per served assignment vs the experts per assignment."""
     layers = find_moe_layers(model)
     inputs: dict[int, torch.Tensor] = {}
@@ -181,6 +187,15 @@ def assignment_parts(model, blocks, reps: int, shadow_width: int) -> list[dict]:
         served = int(plan.shadow_served.sum())
         stand_ins = {
             "trunk": build_understudy("trunk", moe, seed=0, init="random").eval(),
+            **(
+                {
+                    f"trunk a{adapter_rank}": build_understudy(
+                        "trunk", moe, seed=0, init="random", adapter_rank=adapter_rank
+                    ).eval()
+                }
+                if adapter_rank
+                else {}
+            ),
             f"shadows w{shadow_width}": build_understudy(
                 "shadows", moe, seed=0, width=shadow_width, init="random"
             ).eval(),
@@ -257,7 +272,7 @@ def main() -> None:
             f"{r['time_ratio']:.3f}",
         )
     console.print(t2)
-    assigned = assignment_parts(model, blocks, args.reps, args.shadow_width)
+    assigned = assignment_parts(model, blocks, args.reps, args.shadow_width, args.adapter_rank)
     t3 = Table(
         title="per MoE layer and served assignment: assignment-level stand-in vs routed experts (cf 1.0, score)"
     )
