@@ -206,7 +206,7 @@ def assignment_parts(model, blocks, reps: int, shadow_width: int, adapter_rank: 
         t = interleaved(fns, reps)
         per_assignment_experts = t["experts"] / (T * k)
         for name, s in stand_ins.items():
-            flops = float(s.token_flops(plan.shadow_served).sum()) / max(served, 1)
+            flops = float(s.token_flops(plan.shadow_served, plan.indices).sum()) / max(served, 1)
             flop_share = flops / moe.expert_flops_per_token()
             time_share = (t[name] / max(served, 1)) / per_assignment_experts
             rows.append(

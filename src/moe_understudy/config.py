@@ -419,6 +419,10 @@ class DistillConfig(StageConfig):
     kind: str = "swiglu"  # shadows: swiglu | lowrank
     film: bool = True  # trunk: per-expert shifts of the hidden units beside the per-expert scales
     adapter_rank: int = 0  # trunk: rank of a per-expert low-rank linear correction B_e A_e x (0: none)
+    # trunk: uniform (every expert adapter_rank) | overflow (E x adapter_rank ranks shared out by each
+    # expert's overflow mass in the store: score priority at focus_cfs, or 1-2 without them)
+    adapter_allocation: str = "uniform"
+    adapter_max_rank: int | None = None  # overflow allocation: the largest rank (None: 2 x adapter_rank)
     init: str | None = None  # trunk: merged | union | random (None: merged); shadows: teacher | random
     # auto: assignment-level stand-ins fit per (token, expert) targets from the experts, token-level ones
     # the captured routed output; combined: every arch fits the captured routed output
@@ -454,6 +458,14 @@ class DistillConfig(StageConfig):
         if self.extra_experts < 0 or self.adapter_rank < 0:
             raise ValueError(
                 f"extra_experts and adapter_rank must be >= 0, got {self.extra_experts} and {self.adapter_rank}."
+            )
+        if self.adapter_allocation not in ("uniform", "overflow"):
+            raise ValueError(
+                f"adapter_allocation must be uniform or overflow, got {self.adapter_allocation!r}."
+            )
+        if self.adapter_max_rank is not None and self.adapter_max_rank < self.adapter_rank:
+            raise ValueError(
+                f"adapter_max_rank ({self.adapter_max_rank}) must be at least adapter_rank ({self.adapter_rank})."
             )
         if self.loss not in ("mse", "cosine", "relative"):
             raise ValueError(f"loss must be mse, cosine or relative, got {self.loss!r}.")

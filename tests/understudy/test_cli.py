@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from moe_understudy.cli import app
@@ -83,3 +84,34 @@ def test_distill_refuses_a_store_of_another_model(saved_model, tmp_path):
     )
     assert result.exit_code == 2
     assert "holds MoE layers [0, 1] but the model has [0, 1, 2]" in " ".join(result.output.split())
+
+
+def test_distill_shares_trunk_adapter_ranks_out_by_where_the_store_overflows(saved_model, tmp_path):
+    from moe_understudy.capture import CaptureStore
+    from moe_understudy.moe.adapters import find_moe_layers
+    from moe_understudy.moe.loading import load_model_and_tokenizer
+    from moe_understudy.understudy.io import load_understudies
+    from moe_understudy.understudy.layerwise import AssignmentObjective
+
+    root = saved_model
+    data = ["--data", root / "corpus.txt", "--block-size", "32"]
+    store, out = tmp_path / "store", tmp_path / "trunk"
+    run("capture", root / "model", "--out", store, "--tokens", "1024", "--val-tokens", "256", *data)
+    result = run(
+        "distill", root / "model", "--store", store, "--out", out, "--arch", "trunk", "--steps", "10",
+        "--adapter-rank", "2", "--adapter-allocation", "overflow", "--focus-cfs", "1", *data,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model, _ = load_model_and_tokenizer(root / "model")
+    trunks = load_understudies(out, model)
+    for layer in find_moe_layers(model):
+        ranks = trunks[layer.index].adapter_ranks
+        assert sum(ranks) == 2 * layer.num_experts and max(ranks) <= 4 and min(ranks) < max(ranks)
+        rows = CaptureStore(store).load(layer.index)
+        freq = AssignmentObjective(layer, extra=0, serving=(1.0,), batch_rows=1024).overflow_frequency(rows)
+        mass = torch.bincount(
+            rows["indices"].reshape(-1),
+            weights=(freq * rows["weights"]).reshape(-1),
+            minlength=layer.num_experts,
+        )
+        assert ranks[int(mass.argmax())] == max(ranks) and ranks[int(mass.argmin())] == min(ranks)

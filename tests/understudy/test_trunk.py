@@ -43,6 +43,35 @@ def test_adapters_add_their_parameters_and_per_pair_flops_and_start_as_the_plain
     assert default.flops_per_assignment() <= 0.5 * tiny_layer.expert_flops_per_token()
 
 
+def test_per_expert_adapter_ranks_are_charged_at_each_experts_own_rank(tiny_layer):
+    ranks = (0, 5, 1, 2)
+    plain = build_understudy("trunk", tiny_layer, seed=0, width=8, init="random")
+    trunk = build_understudy("trunk", tiny_layer, seed=0, width=8, init="random", adapter_rank=ranks)
+    assert trunk.param_count() == plain.param_count() + 2 * H * sum(ranks)
+    assert trunk.adapter_rank == 5  # a lone assignment costs at most the largest rank's adapter
+    assert trunk.flops_per_assignment() == plain.flops_per_assignment() + 4 * H * 5
+    served = torch.tensor([[True, True], [True, False], [False, False]])
+    indices = torch.tensor([[0, 1], [3, 2], [1, 2]])
+    extra = trunk.token_flops(served, indices) - plain.token_flops(served, indices)
+    assert extra.tolist() == [4 * H * (0 + 5), 4 * H * 2, 0.0]
+    # without the experts, every pair is charged at the largest rank: never under the true cost
+    assert (trunk.token_flops(served) >= trunk.token_flops(served, indices)).all()
+    rebuilt = from_config("trunk", trunk.config())
+    assert rebuilt.adapter_ranks == ranks and rebuilt.param_count() == trunk.param_count()
+
+
+def test_overflow_ranks_share_the_budget_by_mass_under_the_cap_and_sum_to_it():
+    from moe_understudy.understudy.assignment import overflow_ranks
+
+    ranks = overflow_ranks(torch.tensor([0.6, 0.3, 0.1, 0.0]), total=16, cap=6)
+    assert sum(ranks) == 16 and max(ranks) <= 6
+    assert ranks[0] == 6 and ranks[1] == 6  # capped; what they could not take went to the rest
+    assert ranks[2] > ranks[3]
+    assert overflow_ranks(torch.tensor([3.0, 1.0]), total=8, cap=100) == (6, 2)  # in proportion
+    assert overflow_ranks(torch.zeros(4), total=12, cap=8) == (3, 3, 3, 3)  # no overflow seen: uniform
+    assert overflow_ranks(torch.tensor([1.0, 0.0]), total=10, cap=3) == (3, 3)  # never over E x cap
+
+
 def test_a_tokens_assignments_share_one_trunk_pass(tiny_layer):
     trunk = build_understudy("trunk", tiny_layer, seed=0, usage=torch.ones(E))
     served = torch.tensor([[True, True], [True, False], [False, False]])
@@ -109,7 +138,7 @@ def _perturbed_adapters(trunk):
     return trunk
 
 
-@pytest.mark.parametrize("adapter_rank", [0, 3])
+@pytest.mark.parametrize("adapter_rank", [0, 3, (0, 5, 1, 2)], ids=["none", "uniform", "per-expert"])
 def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(
     tiny_layer, routed_rows, adapter_rank
 ):
@@ -125,7 +154,7 @@ def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(
 
 
 @pytest.mark.parametrize("one_per_token", [False, True], ids=["some-tokens-two-pairs", "one-pair-per-token"])
-@pytest.mark.parametrize(("film", "adapter_rank"), [(True, 0), (False, 0), (True, 3)])
+@pytest.mark.parametrize(("film", "adapter_rank"), [(True, 0), (False, 0), (True, 3), (True, (0, 5, 1, 2))])
 def test_serving_a_mix_of_assignments_equals_the_weighted_per_pair_outputs_in_value_and_gradient(
     tiny_layer, routed_rows, film, adapter_rank, one_per_token
 ):

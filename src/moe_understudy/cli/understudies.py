@@ -127,6 +127,20 @@ def distill(
             help="trunk: rank r of a per-expert low-rank correction B_e A_e x (2 H E r parameters; default 0: none)."
         ),
     ] = None,
+    adapter_allocation: Annotated[
+        str | None,
+        typer.Option(
+            help="trunk adapters: uniform (every expert rank r, default) or overflow (the same E x r ranks shared "
+            "out by each expert's overflow mass in the store, under score priority at --focus-cfs or 1-2)."
+        ),
+    ] = None,
+    adapter_max_rank: Annotated[
+        int | None,
+        typer.Option(
+            help="overflow allocation: the largest rank an expert gets (default 2 r); the trunk's default width "
+            "keeps a lone served assignment at this rank within half an expert's FLOPs."
+        ),
+    ] = None,
     init: Annotated[
         str | None,
         typer.Option(help="trunk: merged (default), union or random; shadows: teacher (default) or random."),

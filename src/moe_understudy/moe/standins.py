@@ -82,8 +82,9 @@ class AssignmentStandIn(StandIn):
         """FLOPs of serving one assignment alone (a token with one overflowing assignment)."""
         raise NotImplementedError
 
-    def token_flops(self, served: torch.Tensor) -> torch.Tensor:
-        """(T,) FLOPs spent on each token when the assignments `served` (T, k) bool are stand-in served.
+    def token_flops(self, served: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """(T,) FLOPs spent on each token when the assignments `served` (T, k) bool are stand-in served;
+        `indices` (T, k) are their experts, for a stand-in whose cost differs by expert.
 
         Default: independent per assignment. A stand-in that shares work between a token's
         assignments (one trunk pass for all of them) overrides this.

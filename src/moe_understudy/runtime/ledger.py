@@ -123,7 +123,7 @@ def stand_in_token_flops(plan: Plan, stand_in: torch.nn.Module | None) -> torch.
         return torch.zeros(plan.num_tokens, dtype=torch.float64)
     if level_of(stand_in) == TOKEN:
         return stand_in.token_flops(plan.understudy_work_tokens().cpu())
-    return stand_in.token_flops(plan.shadow_served.cpu())
+    return stand_in.token_flops(plan.shadow_served.cpu(), plan.indices.cpu())
 
 
 def rank_work(

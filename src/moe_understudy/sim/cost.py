@@ -246,7 +246,9 @@ class AssignmentStandInCost(AssignmentStandIn):
     def flops_per_assignment(self) -> float:
         return float(self.table[1])
 
-    def token_flops(self, served: torch.Tensor) -> torch.Tensor:
+    def token_flops(self, served: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """By how many of a token's assignments are served (the real stand-in's cost at its largest
+        per-expert rank, where it has several)."""
         return self.table[served.sum(-1).clamp(max=self.top_k)]
 
     def config(self) -> dict:

@@ -5,6 +5,8 @@ one SwiGLU trunk for all experts of a layer, conditioned on the expert (bounded 
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -97,6 +99,9 @@ class GatedTrunk(AssignmentStandIn):
     `adapter_rank` r > 0 adds a per-expert low-rank linear correction, S(x, e) += B_e A_e x with A_e (r, H)
     and B_e (H, r) (B starts at zero, so the trunk is unchanged at the start): 2 H E r more parameters and
     4 H r more FLOPs per served assignment, for expert-specific directions the shared hidden units miss.
+    A sequence of E ranks gives each expert its own r_e (`overflow_ranks` spends a budget where the
+    overflow goes): 2 H sum(r_e) parameters, 4 H r_e FLOPs per pair served for expert e. The A_e are
+    stored stacked, (sum r_e, H), and so are the B_e transposed.
     """
 
     arch = "trunk"
@@ -108,24 +113,30 @@ class GatedTrunk(AssignmentStandIn):
         top_k: int,
         width: int,
         film: bool = True,
-        adapter_rank: int = 0,
+        adapter_rank: int | Sequence[int] = 0,
     ) -> None:
         super().__init__(hidden_size)
-        if width <= 0 or adapter_rank < 0:
+        ranks = (
+            (adapter_rank,) * num_experts if isinstance(adapter_rank, int) else tuple(map(int, adapter_rank))
+        )
+        if width <= 0 or len(ranks) != num_experts or min(ranks) < 0:
             raise UserError(
-                f"The trunk needs a positive width and a non-negative adapter rank, got {width} and {adapter_rank}."
+                f"The trunk needs a positive width and a non-negative adapter rank (or one per expert, "
+                f"{num_experts} of them), got {width} and {adapter_rank}."
             )
         self.num_experts, self.top_k, self.width, self.film = num_experts, top_k, width, film
-        self.adapter_rank = adapter_rank
+        self.adapter_ranks = ranks
+        self.adapter_rank = max(ranks)  # what a lone served assignment costs at the most
+        self._adapter_start = [0, *itertools.accumulate(ranks)]
         self.gate_up = nn.Parameter(torch.empty(2 * width, hidden_size))  # (2w, H): G rows then U rows
         self.down = nn.Parameter(torch.empty(hidden_size, width))  # (H, w)
         self.scale = nn.Parameter(torch.ones(num_experts, width))  # s_e
         self.shift = nn.Parameter(torch.zeros(num_experts, 2, width)) if film else None  # c_e, d_e
         init_linear(self.gate_up, hidden_size)
         init_linear(self.down, width, scale=0.1)
-        if adapter_rank:
-            self.adapter_in = nn.Parameter(torch.empty(num_experts, adapter_rank, hidden_size))  # A_e
-            self.adapter_out = nn.Parameter(torch.zeros(num_experts, hidden_size, adapter_rank))  # B_e
+        if self.adapter_rank:
+            self.adapter_in = nn.Parameter(torch.empty(sum(ranks), hidden_size))  # A_e stacked
+            self.adapter_out = nn.Parameter(torch.zeros(sum(ranks), hidden_size))  # B_e^T stacked
             init_linear(self.adapter_in, hidden_size)
 
     @property
@@ -142,10 +153,15 @@ class GatedTrunk(AssignmentStandIn):
         order = experts.argsort(stable=True)
         counts = torch.bincount(experts, minlength=self.num_experts).tolist()
         slices = x.index_select(0, order).split(counts)
-        y = torch.cat(
-            [F.linear(F.linear(xe, self.adapter_in[e]), self.adapter_out[e]) for e, xe in enumerate(slices) if len(xe)]
-        )
+        y = torch.cat([self._expert_adapter(xe, e) for e, xe in enumerate(slices) if len(xe)])
         return torch.empty_like(y).index_copy_(0, order, y)
+
+    def _expert_adapter(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x (n, H) -> (n, H): B_e A_e x (zeros for an expert of rank 0)."""
+        a, b = self._adapter_start[e], self._adapter_start[e + 1]
+        if a == b:
+            return torch.zeros_like(x)
+        return F.linear(x, self.adapter_in[a:b]) @ self.adapter_out[a:b]
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """x (T, H), indices/weights (T, k) -> (T, H) weighted sum over assignments; index E is skipped.
@@ -204,17 +220,24 @@ class GatedTrunk(AssignmentStandIn):
             out = out + flat.view(N, n, -1)
         return out
 
-    def _pair_flops(self) -> int:
-        """FLOPs of one served assignment beyond the token's trunk pass: FiLM, and the adapter if any."""
-        return 8 * self.width + 4 * self.hidden_size * self.adapter_rank
+    def _pair_flops(self, rank: int | torch.Tensor) -> int | torch.Tensor:
+        """FLOPs of one served assignment beyond the token's trunk pass: FiLM, and its expert's adapter."""
+        return 8 * self.width + 4 * self.hidden_size * rank
 
     def flops_per_assignment(self) -> float:
-        return 6 * self.hidden_size * self.width + self._pair_flops()
+        """A lone served assignment of the expert with the largest adapter."""
+        return 6 * self.hidden_size * self.width + self._pair_flops(self.adapter_rank)
 
-    def token_flops(self, served: torch.Tensor) -> torch.Tensor:
-        """(T,) one trunk pass per token with any served assignment, plus the per-assignment work."""
-        n = served.sum(-1).double()
-        return (n > 0).double() * (6 * self.hidden_size * self.width) + n * self._pair_flops()
+    def token_flops(self, served: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """(T,) one trunk pass per token with any served assignment, plus the per-assignment work
+        (each pair at its expert's adapter rank given `indices` (T, k), else at the largest)."""
+        if indices is None:
+            pair = torch.full(served.shape, float(self._pair_flops(self.adapter_rank)), dtype=torch.float64)
+        else:
+            ranks = torch.tensor([*self.adapter_ranks, 0], dtype=torch.float64)
+            pair = self._pair_flops(ranks[indices.clamp(0, self.num_experts)])
+        trunk = served.any(-1).double() * (6 * self.hidden_size * self.width)
+        return trunk + (pair * served).sum(-1)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -223,5 +246,33 @@ class GatedTrunk(AssignmentStandIn):
             "top_k": self.top_k,
             "width": self.width,
             "film": self.film,
-            "adapter_rank": self.adapter_rank,
+            "adapter_rank": self.adapter_rank
+            if len(set(self.adapter_ranks)) == 1
+            else list(self.adapter_ranks),
         }
+
+
+def overflow_ranks(mass: torch.Tensor, total: int, cap: int) -> tuple[int, ...]:
+    """Per-expert adapter ranks: `total` (at most E x cap) shared out in proportion to `mass` (E,), none
+    above `cap`; what a capped expert cannot take goes to the others in proportion (water filling),
+    and the largest remainders round the shares to whole ranks that sum to the total."""
+    E = mass.numel()
+    mass = mass.double().clamp(min=0)
+    left = float(min(total, E * cap))
+    share = torch.zeros(E, dtype=torch.float64)
+    free = torch.ones(E, dtype=torch.bool)
+    while left > 1e-9 and bool(free.any()):
+        m = torch.where(free, mass, 0.0)
+        part = m / m.sum() if float(m.sum()) > 0 else free.double() / free.sum()
+        over = free & (part * left > cap)
+        if not bool(over.any()):
+            share += part * left
+            break
+        share[over] = cap
+        free &= ~over
+        left -= cap * int(over.sum())
+    ranks = share.floor()
+    missing = int(round(min(total, E * cap) - float(ranks.sum())))
+    room = torch.where(ranks < cap, share - ranks, -1.0)
+    ranks[room.argsort(descending=True)[:missing]] += 1
+    return tuple(int(r) for r in ranks)

@@ -28,6 +28,7 @@ from moe_understudy.errors import UserError
 from moe_understudy.files import atomic_save_tensors, load_tensors
 from moe_understudy.moe.adapters import MoELayer, find_moe_layers
 from moe_understudy.progress import stage_bar
+from moe_understudy.understudy.assignment import overflow_ranks
 from moe_understudy.understudy.e2e import train_end_to_end
 from moe_understudy.understudy.io import load_understudies, save_understudies
 from moe_understudy.understudy.layerwise import AssignmentObjective, CombinedObjective, fit_layer
@@ -64,11 +65,27 @@ def arch_kwargs(cfg: DistillConfig, store: CaptureStore, layer: MoELayer) -> dic
         return {
             "width": cfg.width,
             "film": cfg.film,
-            "adapter_rank": cfg.adapter_rank,
+            "adapter_rank": adapter_ranks(cfg, store, layer),
             "init": cfg.init,
             "usage": store.usage(layer.index),
         }
     return {"kind": cfg.kind, "width": cfg.width, "init": cfg.init}
+
+
+def adapter_ranks(cfg: DistillConfig, store: CaptureStore, layer: MoELayer) -> int | tuple[int, ...]:
+    """The trunk's adapter rank, or with `overflow` allocation one per expert: E x adapter_rank ranks
+    shared out by each expert's overflow mass (combine weight x how often it overflows under score
+    priority) over the store's training rows."""
+    if cfg.adapter_allocation == "uniform" or not cfg.adapter_rank:
+        return cfg.adapter_rank
+    rows = store.load(layer.index)
+    focus = AssignmentObjective(
+        layer, extra=0, serving=cfg.focus_cfs or (1.0, 1.25, 1.5, 2.0), batch_rows=cfg.focus_batch_rows
+    )
+    mass = (focus.overflow_frequency(rows) * rows["weights"].float()).reshape(-1)
+    per_expert = torch.bincount(rows["indices"].long().reshape(-1), weights=mass, minlength=layer.num_experts)
+    cap = cfg.adapter_max_rank or 2 * cfg.adapter_rank
+    return overflow_ranks(per_expert, layer.num_experts * cfg.adapter_rank, cap)
 
 
 def layer_objective(cfg: DistillConfig, layer: MoELayer):

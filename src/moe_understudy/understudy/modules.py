@@ -200,7 +200,7 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
                init "random" | "teacher" (copy the router rows and expert units of the most-used experts)
     shadows:   kind "swiglu" | "lowrank", width (default I // 4), init "teacher" | "random"
     trunk:     width (default the widest with at most half an expert's FLOPs for a lone served assignment,
-               about I // 2), film (default True), adapter_rank (default 0: none),
+               about I // 2), film (default True), adapter_rank (default 0: none; or one per expert),
                init "merged" (needs usage) | "union" | "random"
     """
     if seed is not None:
@@ -242,8 +242,11 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
     if arch == "trunk":
         init = kw.pop("init", "merged")
         # default: the widest trunk whose lone served assignment costs at most half an expert's FLOPs
-        rank = int(kw.pop("adapter_rank", 0))
-        width = int(kw.pop("width", max(1, (3 * H * inter - 4 * H * rank) // (6 * H + 8))))
+        # (an expert of its own rank each: the width is set by the largest)
+        rank = kw.pop("adapter_rank", 0)
+        rank = int(rank) if isinstance(rank, int) else tuple(int(r) for r in rank)
+        top_rank = rank if isinstance(rank, int) else max(rank, default=0)
+        width = int(kw.pop("width", max(1, (3 * H * inter - 4 * H * top_rank) // (6 * H + 8))))
         module = GatedTrunk(H, E, k, width=width, film=bool(kw.pop("film", True)), adapter_rank=rank)
         if init != "random":
             trunk_from_experts(module, layer, kw.pop("usage", None), init)
