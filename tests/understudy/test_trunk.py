@@ -60,6 +60,20 @@ def test_per_expert_adapter_ranks_are_charged_at_each_experts_own_rank(tiny_laye
     assert rebuilt.adapter_ranks == ranks and rebuilt.param_count() == trunk.param_count()
 
 
+def test_a_trunk_saved_with_adapters_as_one_matrix_per_expert_loads_to_the_same_outputs(tiny_layer, routed_rows):
+    trunk = _perturbed_adapters(build_understudy("trunk", tiny_layer, seed=0, init="random", adapter_rank=3))
+    state = dict(trunk.state_dict())
+    a, b = state["adapter_in"], state["adapter_out"]  # (E r, H) each, B transposed
+    state["adapter_in"] = a.view(E, 3, H).clone()  # the earlier layout: A (E, r, H), B (E, H, r)
+    state["adapter_out"] = b.view(E, 3, H).transpose(1, 2).clone()
+    reloaded = build_understudy("trunk", tiny_layer, seed=1, init="random", adapter_rank=3)
+    reloaded.load_state_dict(state)
+    rows = routed_rows(tiny_layer, n=8)
+    torch.testing.assert_close(
+        reloaded(rows["x"], rows["indices"], rows["weights"]), trunk(rows["x"], rows["indices"], rows["weights"])
+    )
+
+
 def test_overflow_ranks_share_the_budget_by_mass_under_the_cap_and_sum_to_it():
     from moe_understudy.understudy.assignment import overflow_ranks
 

@@ -139,6 +139,15 @@ class GatedTrunk(AssignmentStandIn):
             self.adapter_out = nn.Parameter(torch.zeros(sum(ranks), hidden_size))  # B_e^T stacked
             init_linear(self.adapter_in, hidden_size)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # folders saved before per-expert ranks hold A as (E, r, H) and B as (E, H, r): stack them
+        a, b = state_dict.get(prefix + "adapter_in"), state_dict.get(prefix + "adapter_out")
+        if a is not None and a.dim() == 3:
+            state_dict[prefix + "adapter_in"] = a.reshape(-1, a.shape[-1])
+        if b is not None and b.dim() == 3:
+            state_dict[prefix + "adapter_out"] = b.transpose(1, 2).reshape(-1, b.shape[1])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def intermediate(self) -> int:  # the name merge_experts_into reads
         return self.width
