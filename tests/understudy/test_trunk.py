@@ -60,7 +60,9 @@ def test_per_expert_adapter_ranks_are_charged_at_each_experts_own_rank(tiny_laye
     assert rebuilt.adapter_ranks == ranks and rebuilt.param_count() == trunk.param_count()
 
 
-def test_a_trunk_saved_with_adapters_as_one_matrix_per_expert_loads_to_the_same_outputs(tiny_layer, routed_rows):
+def test_a_trunk_saved_with_adapters_as_one_matrix_per_expert_loads_to_the_same_outputs(
+    tiny_layer, routed_rows
+):
     trunk = _perturbed_adapters(build_understudy("trunk", tiny_layer, seed=0, init="random", adapter_rank=3))
     state = dict(trunk.state_dict())
     a, b = state["adapter_in"], state["adapter_out"]  # (E r, H) each, B transposed
@@ -70,7 +72,8 @@ def test_a_trunk_saved_with_adapters_as_one_matrix_per_expert_loads_to_the_same_
     reloaded.load_state_dict(state)
     rows = routed_rows(tiny_layer, n=8)
     torch.testing.assert_close(
-        reloaded(rows["x"], rows["indices"], rows["weights"]), trunk(rows["x"], rows["indices"], rows["weights"])
+        reloaded(rows["x"], rows["indices"], rows["weights"]),
+        trunk(rows["x"], rows["indices"], rows["weights"]),
     )
 
 
