@@ -180,3 +180,11 @@ def test_evaluate_takes_capacity_per_simulated_device_and_expanded_candidates(tm
 
     cfg = EvalConfig(capacity_scope="rank", num_devices=2, expanded_m=2, policies=("full", "expanded_drop"))
     assert EvalConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+def test_too_few_blocks_for_one_batch_names_the_evaluate_flags_that_fix_it(tmp_path, blocks):
+    folder = saved_model(tmp_path, blocks)
+    args = ["evaluate", str(folder), "--policies", "full,drop", "--blocks", "2", "--batch-size", "4"]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 2
+    assert "raise --blocks or lower --batch-size" in " ".join(result.output.split())

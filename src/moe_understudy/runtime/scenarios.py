@@ -73,7 +73,7 @@ def batches(blocks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     n = len(blocks) // batch_size
     if n == 0:
         raise UserError(
-            f"{len(blocks)} evaluation blocks do not fill one batch of {batch_size}; raise --max-blocks or lower --batch-size."
+            f"{len(blocks)} evaluation blocks do not fill one batch of {batch_size}; raise --blocks or lower --batch-size."
         )
     return list(blocks[: n * batch_size].split(batch_size))
 

@@ -109,7 +109,8 @@ def _simulate(cfg: SimConfig, console: Console) -> dict:
     trace = load_trace(cfg, console)
     if trace.num_tokens < 64:
         raise UserError(
-            f"The routing trace holds only {trace.num_tokens} tokens; capture more (raise --max-blocks)."
+            f"The routing trace holds only {trace.num_tokens} tokens (64 needed); give --data more text, "
+            "raise max_blocks in a --config YAML, or replay a longer --trace."
         )
     trace.save(out / "trace.safetensors")
     results: list[SimResult] = []
