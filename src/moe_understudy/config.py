@@ -552,12 +552,12 @@ class RuntimeConfig(StageConfig):
         )
 
 
-def _check_sweep(cfg) -> None:
+def _check_sweep(cfg, policies_may_default: bool = False) -> None:
     """Validate the policy x capacity sweep every evaluation config runs: policies, capacities, priority."""
     from moe_understudy.runtime.policies import POLICIES, PRIORITIES
 
     unknown = [p for p in cfg.policies if p not in POLICIES]
-    if unknown or not cfg.policies:
+    if unknown or not (cfg.policies or policies_may_default):
         raise ValueError(
             f"policies must be a non-empty list from {', '.join(POLICIES)}; got {list(cfg.policies)}."
         )
@@ -576,7 +576,9 @@ class EvalConfig(StageConfig):
         None  # folder written by `understudy distill`; needed by understudy/layer/deadline/shadow
     )
     out: str = "runs/eval"  # report folder: report.json, report.png, eval.yaml
-    policies: tuple[str, ...] = ("full", "drop", "reroute", "understudy")  # policies compared side by side
+    # policies compared side by side; () = full, drop, expanded_drop, reroute, then the policy that serves
+    # the understudies' level (shadow for assignment-level stand-ins, understudy for token-level ones)
+    policies: tuple[str, ...] = ()
     capacities: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)  # capacity factors swept for every capacity policy
     priority: str = (
         "score"  # score (Capacity-Aware token drop: lowest router weight overflows first) | position
@@ -602,7 +604,7 @@ class EvalConfig(StageConfig):
 
     def __post_init__(self) -> None:
         _canonical_dtypes(self, "dtype")
-        _check_sweep(self)
+        _check_sweep(self, policies_may_default=True)
         if self.scenario not in ("natural", "domain_shift", "hot_expert"):
             raise ValueError(f"scenario must be natural, domain_shift or hot_expert; got {self.scenario!r}.")
         if self.max_blocks <= 0 or not self.batch_sizes or any(b <= 0 for b in self.batch_sizes):

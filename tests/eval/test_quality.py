@@ -188,3 +188,29 @@ def test_too_few_blocks_for_one_batch_names_the_evaluate_flags_that_fix_it(tmp_p
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "eval")])
     assert result.exit_code == 2
     assert "raise --blocks or lower --batch-size" in " ".join(result.output.split())
+
+
+def test_evaluate_without_policies_runs_the_baselines_then_the_policy_of_the_stand_ins_level(
+    tmp_path, blocks
+):
+    from moe_understudy.eval.quality import BASELINES, default_policies
+    from moe_understudy.understudy.io import save_understudies
+    from moe_understudy.understudy.modules import build_understudy
+
+    folder = saved_model(tmp_path, blocks)
+    model = tiny()
+    for arch in ("trunk", "dense"):
+        stand_ins = {
+            m.index: build_understudy(arch, m, seed=0, init="random") for m in find_moe_layers(model)
+        }
+        save_understudies(tmp_path / arch, stand_ins, model)
+    assert default_policies(None) == BASELINES == ("full", "drop", "expanded_drop", "reroute")
+    assert default_policies(str(tmp_path / "trunk")) == (*BASELINES, "shadow")
+    assert default_policies(str(tmp_path / "dense")) == (*BASELINES, "understudy")
+    args = ["evaluate", str(folder), "--understudies", str(tmp_path / "trunk"), "--capacity", "1"]
+    result = CliRunner().invoke(
+        app, [*args, "--blocks", "8", "--batch-size", "4", "--out", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "e" / "report.json").read_text())["rows"]
+    assert [r["policy"] for r in rows] == [*BASELINES, "shadow"]

@@ -59,8 +59,8 @@ PoliciesOption = Annotated[
     str | None,
     typer.Option(
         help="Comma-separated overflow policies from full, drop, drop_renorm, reroute, expanded_drop, "
-        "understudy, shadow, expanded_shadow, layer, deadline (default: evaluate full,drop,reroute,understudy; "
-        "ep full)."
+        "understudy, shadow, expanded_shadow, layer, deadline (default: evaluate full,drop,expanded_drop,reroute "
+        "and, with --understudies, shadow or understudy by their level; ep full)."
     ),
 ]
 CapacitiesOption = Annotated[

@@ -118,6 +118,7 @@ def evaluate(
 def _evaluate_expert_parallel(cfg, nproc: int, capacity_scope: str, device: str | None) -> None:
     """`evaluate --ep N`: the same sweep on natural held-out text under real expert parallelism."""
     from moe_understudy.config import EPConfig
+    from moe_understudy.eval.quality import default_policies
     from moe_understudy.runtime.ep import launch_ep, runs_table
 
     if cfg.scenario != "natural":
@@ -125,7 +126,7 @@ def _evaluate_expert_parallel(cfg, nproc: int, capacity_scope: str, device: str 
     ep_cfg = EPConfig(
         model=cfg.model,
         understudies=cfg.understudies,
-        policies=cfg.policies,
+        policies=cfg.policies or default_policies(cfg.understudies),
         capacities=cfg.capacities,
         priority=cfg.priority,
         capacity_scope=capacity_scope,

@@ -170,6 +170,21 @@ def _rows(runs, sums, recorders, priority, batch_size, num_devices, sizes) -> li
     return rows
 
 
+BASELINES = ("full", "drop", "expanded_drop", "reroute")  # what needs no stand-in, strongest first
+
+
+def default_policies(understudies: str | None) -> tuple[str, ...]:
+    """`evaluate`'s policies when none are given: the baselines, then the policy that serves the saved
+    stand-ins `understudies` (shadow for assignment-level ones, understudy for token-level ones)."""
+    if not understudies:
+        return BASELINES
+    from moe_understudy.understudy.io import read_config, saved_folder
+    from moe_understudy.understudy.modules import ASSIGNMENT_ARCHS
+
+    archs = {spec["arch"] for spec in read_config(saved_folder(understudies))["layers"].values()}
+    return (*BASELINES, "shadow" if archs <= set(ASSIGNMENT_ARCHS) else "understudy")
+
+
 def run_evaluation(cfg: EvalConfig, console: Console | None = None) -> dict[str, Any]:
     """`understudy evaluate`: rows for every batch size of `cfg`, written as a report in `cfg.out`."""
     from moe_understudy.moe.loading import load_model_and_tokenizer
@@ -197,7 +212,7 @@ def run_evaluation(cfg: EvalConfig, console: Console | None = None) -> dict[str,
             model,
             understudies,
             scenario.blocks,
-            cfg.policies,
+            cfg.policies or default_policies(cfg.understudies),
             cfg.capacities,
             priority=cfg.priority,
             batch_size=batch_size,

@@ -165,6 +165,15 @@ def _looks_like_repo_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~", "/")) and "\\" not in text
 
 
+def saved_folder(path: str | Path) -> Path:
+    """The local folder of saved understudies `path` names (a folder, a hub repo id, or a model
+    folder saved from a patched model, which holds them in SAVED_BESIDE)."""
+    folder = resolve(path)
+    if not (folder / WEIGHTS).is_file() and (folder / SAVED_BESIDE / WEIGHTS).is_file():
+        return folder / SAVED_BESIDE
+    return folder
+
+
 def read_config(path: str | Path) -> dict:
     """The config.json of a saved understudy folder (UserError when it is not one)."""
     folder = Path(path)
@@ -215,9 +224,7 @@ def load_understudies(
     """
     from moe_understudy.moe.loading import resolve_device, resolve_dtype
 
-    folder = resolve(path)
-    if not (folder / WEIGHTS).is_file() and (folder / SAVED_BESIDE / WEIGHTS).is_file():
-        folder = folder / SAVED_BESIDE  # a model folder saved from a patched model
+    folder = saved_folder(path)
     config = read_config(folder)
     check_fits(config, model, path)
     gate = find_moe_layers(model)[0].block.gate.weight
