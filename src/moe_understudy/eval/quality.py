@@ -206,13 +206,14 @@ def run_evaluation(cfg: EvalConfig, console: Console | None = None) -> dict[str,
         f"{len(layers)} MoE layers of {layers[0].num_experts} experts (top-{layers[0].top_k}), "
         f"{cfg.num_devices} devices"
     )
+    policies = cfg.policies or default_policies(cfg.understudies)
     rows: list[dict[str, Any]] = []
     for batch_size in cfg.batch_sizes:
         for row in evaluate_policies(
             model,
             understudies,
             scenario.blocks,
-            cfg.policies or default_policies(cfg.understudies),
+            policies,
             cfg.capacities,
             priority=cfg.priority,
             batch_size=batch_size,

@@ -18,6 +18,21 @@ from moe_understudy.moe.standins import AssignmentStandIn
 from moe_understudy.understudy.functional import init_linear, swiglu
 
 
+def by_expert(
+    x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor, num_experts: int, fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(x[rows of expert e's pairs], e) for each expert, on one contiguous slice per expert.
+
+    rows, experts (P,): each pair's row of x and its expert. Returns (y, order): y (P, H) holds the
+    outputs sorted by expert, y[i] belonging to pair order[i]. The pairs are sorted once and x is
+    gathered once (one host sync for the counts), as grouped-GEMM MoE kernels do.
+    """
+    experts, order = experts.sort(stable=True)
+    counts = torch.bincount(experts, minlength=num_experts).tolist()
+    slices = x.index_select(0, rows.index_select(0, order)).split(counts)
+    return torch.cat([fn(part, e) for e, part in enumerate(slices) if len(part)]), order
+
+
 class Shadows(AssignmentStandIn):
     """One compressed stand-in per expert, S_e(x) ~ E_e(x): narrow SwiGLU ("swiglu") or rank-r linear ("lowrank").
 
@@ -53,8 +68,8 @@ class Shadows(AssignmentStandIn):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """x (T, H), indices/weights (T, k) -> (T, H); an index equal to num_experts is skipped.
 
-        The served pairs are sorted by expert once and each shadow runs on its contiguous slice
-        (one host sync for the counts, one scatter at the end), as grouped-GEMM MoE kernels do.
+        Each shadow runs on its expert's contiguous slice of the served pairs (`by_expert`), and one
+        scatter at the end sums them per token.
         """
         k = indices.shape[1]
         flat = indices.reshape(-1)
@@ -62,13 +77,11 @@ class Shadows(AssignmentStandIn):
         out = torch.zeros_like(x)
         if pairs.numel() == 0:
             return out
-        experts, order = flat.index_select(0, pairs).sort(stable=True)
+        y, order = by_expert(x, pairs // k, flat.index_select(0, pairs), self.num_experts, self._expert)
         pairs = pairs.index_select(0, order)
-        tokens = pairs // k
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
-        slices = x.index_select(0, tokens).split(counts)
-        y = torch.cat([self._expert(rows, e) for e, rows in enumerate(slices) if rows.shape[0]])
-        return out.index_add_(0, tokens, y * weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None])
+        return out.index_add_(
+            0, pairs // k, y * weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None]
+        )
 
     def flops_per_assignment(self) -> int:
         per = 3 if self.kind == "swiglu" else 2
@@ -128,6 +141,7 @@ class GatedTrunk(AssignmentStandIn):
         self.adapter_ranks = ranks
         self.adapter_rank = max(ranks)  # what a lone served assignment costs at the most
         self._adapter_start = [0, *itertools.accumulate(ranks)]
+        self._rank_of = torch.tensor([*ranks, 0], dtype=torch.float64)  # by expert; index E: unserved
         self.gate_up = nn.Parameter(torch.empty(2 * width, hidden_size))  # (2w, H): G rows then U rows
         self.down = nn.Parameter(torch.empty(hidden_size, width))  # (H, w)
         self.scale = nn.Parameter(torch.ones(num_experts, width))  # s_e
@@ -152,17 +166,14 @@ class GatedTrunk(AssignmentStandIn):
     def intermediate(self) -> int:  # the name merge_experts_into reads
         return self.width
 
-    def _adapted(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x (P, H), experts (P,) -> (P, H): each pair's B_e A_e x.
+    def _adapted(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (N, H), rows/experts (P,) -> (P, H): B_e A_e x[row] for each pair, in pair order.
 
-        Pairs are sorted by expert once and each expert's two products run on its contiguous slice
-        (one host sync for the counts), as the shadows do: gathering an (r, H) matrix per pair for a
-        batched product moved 14x more bytes and cost 5x the time of the grouped form.
+        Each expert's two products run on its contiguous slice of the pairs (`by_expert`):
+        gathering an (r, H) matrix per pair for a batched product moved 14x more bytes and cost 5x
+        the time of the grouped form.
         """
-        order = experts.argsort(stable=True)
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
-        slices = x.index_select(0, order).split(counts)
-        y = torch.cat([self._expert_adapter(xe, e) for e, xe in enumerate(slices) if len(xe)])
+        y, order = by_expert(x, rows, experts, self.num_experts, self._expert_adapter)
         return torch.empty_like(y).index_copy_(0, order, y)
 
     def _expert_adapter(self, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -207,7 +218,7 @@ class GatedTrunk(AssignmentStandIn):
             h = torch.zeros(rows.shape[0], W, dtype=x.dtype, device=x.device).index_add_(0, row_of_pair, h)
         served = F.linear(h, self.down)
         if self.adapter_rank:
-            served.index_add_(0, row_of_pair, self._adapted(x.index_select(0, tokens), experts).mul_(weight))
+            served.index_add_(0, row_of_pair, self._adapted(x, tokens, experts).mul_(weight))
         return out.index_copy_(0, rows, served)
 
     def _hidden(self, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -225,8 +236,8 @@ class GatedTrunk(AssignmentStandIn):
         out = F.linear(self._hidden(g, u, indices), self.down)
         if self.adapter_rank:
             N, n = indices.shape
-            flat = self._adapted(x[:, None].expand(N, n, -1).reshape(N * n, -1), indices.reshape(-1))
-            out = out + flat.view(N, n, -1)
+            rows = torch.arange(N, device=x.device).repeat_interleave(n)
+            out = out + self._adapted(x, rows, indices.reshape(-1)).view(N, n, -1)
         return out
 
     def _pair_flops(self, rank: int | torch.Tensor) -> int | torch.Tensor:
@@ -243,8 +254,7 @@ class GatedTrunk(AssignmentStandIn):
         if indices is None:
             pair = torch.full(served.shape, float(self._pair_flops(self.adapter_rank)), dtype=torch.float64)
         else:
-            ranks = torch.tensor([*self.adapter_ranks, 0], dtype=torch.float64)
-            pair = self._pair_flops(ranks[indices.clamp(0, self.num_experts)])
+            pair = self._pair_flops(self._rank_of[indices.clamp(0, self.num_experts)])
         trunk = served.any(-1).double() * (6 * self.hidden_size * self.width)
         return trunk + (pair * served).sum(-1)
 
