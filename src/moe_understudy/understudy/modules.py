@@ -243,8 +243,7 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
         init = kw.pop("init", "merged")
         # default: the widest trunk whose lone served assignment costs at most half an expert's FLOPs
         # (an expert of its own rank each: the width is set by the largest)
-        rank = kw.pop("adapter_rank", 0)
-        rank = int(rank) if isinstance(rank, int) else tuple(int(r) for r in rank)
+        rank = kw.pop("adapter_rank", 0)  # GatedTrunk reads an int or one rank per expert
         top_rank = rank if isinstance(rank, int) else max(rank, default=0)
         width = int(kw.pop("width", max(1, (3 * H * inter - 4 * H * top_rank) // (6 * H + 8))))
         module = GatedTrunk(H, E, k, width=width, film=bool(kw.pop("film", True)), adapter_rank=rank)
