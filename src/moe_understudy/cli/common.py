@@ -1,21 +1,20 @@
 """What every command module shares: the typer app, the console, one-sentence errors, the options
-several commands take (declared once, below), and `configure`, which maps a command's options onto
-the fields of its stage's frozen config dataclass (after its --config YAML, if given).
+several commands take (declared once, below), and `command`, which registers a command with them.
+Options that are fields of a stage config are declared in fields.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
-import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import click
 import typer
 from rich.console import Console
 
+from moe_understudy.cli.fields import Stage
 from moe_understudy.errors import UserError
 
 app = typer.Typer(
@@ -120,6 +119,7 @@ _SHARED = {
     "priority": ("priority", PriorityOption, None),
     "data": ("data", DataOption, None),
     "block_size": ("block_size", BlockSizeOption, None),
+    "max_chars": ("max_chars", MaxCharsOption, None),
     "json": ("json_out", JsonOption, None),
     "seed": ("seed", SeedOption, None),
     "device": ("device", DeviceOption, None),
@@ -133,17 +133,6 @@ LOAD = ("understudies", "policies", "capacities", "priority")  # what serves the
 TEXT = ("data", "block_size")
 RUN = ("device", "dtype", "config", "debug")  # how a saved model runs, replay, tracebacks
 TRAIN = ("seed", "device", "train_dtype", "resume", "config", "debug")
-
-# Options that are not fields of any stage config: handled by `user_errors` or the command itself.
-_NOT_FIELDS = ("config", "debug", "resume")
-# The data options a command maps onto its DataConfig (`--data` is the corpus' source).
-_DATA = {
-    "data": "source",
-    "block_size": "block_size",
-    "max_chars": "max_chars",
-    "vocab_size": "vocab_size",
-    "tokenizer": "tokenizer",
-}
 
 
 def user_errors(fn):
@@ -177,12 +166,18 @@ def user_errors(fn):
 
 
 def command(
-    name: str | None = None, *, lead: tuple[str, ...] = (), tail: tuple[str, ...] = RUN, on: typer.Typer = app
+    name: str | None = None,
+    *,
+    lead: tuple[str, ...] = (),
+    tail: tuple[str, ...] = RUN,
+    stage: Stage | None = None,
+    on: typer.Typer = app,
 ):
-    """Register a command whose function declares only its own options: the shared options named in
-    `lead` (placed after MODEL) and `tail` (placed last) join the signature typer reads, so each is
-    declared once (`_SHARED`). Their values reach the function through `ctx.params` (which
-    `configure` reads), not as arguments; errors are one sentence (`user_errors`). `on`: the typer app."""
+    """Register a command whose function declares only the options its body uses: the shared options
+    named in `lead` (placed after MODEL) and `tail` (placed last), and the options of `stage` (its
+    config's fields, after the function's own) join the signature typer reads, so each is declared
+    once. Their values reach the function through `ctx.params` (which `Stage.configure` reads), not
+    as arguments; errors are one sentence (`user_errors`). `on`: the typer app."""
     import inspect
 
     def register(fn):
@@ -199,7 +194,10 @@ def command(
 
         names = list(own.parameters)
         at = names.index("model") + 1 if "model" in names else 1  # after MODEL, else after ctx
-        params = [p.replace(kind=kw) for p in (*params[:at], *shared(lead), *params[at:], *shared(tail))]
+        fields = stage.parameters() if stage is not None else []
+        params = [
+            p.replace(kind=kw) for p in (*params[:at], *shared(lead), *params[at:], *fields, *shared(tail))
+        ]
 
         @functools.wraps(fn)
         def call(**kwargs):
@@ -226,117 +224,6 @@ def one_sentence(err: BaseException) -> str:
     if type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError):
         return f"Out of memory ({first}); lower --batch-size (or use --dtype bfloat16) and rerun."
     return f"{type(err).__name__}: {first} (rerun with --debug to see the traceback)."
-
-
-def given(**options):
-    """The options the user actually passed (None means: keep the config's value)."""
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def split(text: str | None, kind=str, what: str = "list") -> tuple | None:
-    """'0.5,0.75,1' -> (0.5, 0.75, 1.0); None stays None; a bad item is a UserError naming it."""
-    if text is None:
-        return None
-    try:
-        return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise UserError(
-            f"Could not read {what} {text!r} ({err}); pass comma-separated values like 0.5,1."
-        ) from err
-
-
-def configure(
-    cls,
-    params: dict[str, Any],
-    *,
-    start=None,
-    renames: dict[str, str] | None = None,
-    prefixes: dict[str, str] | None = None,
-    ignore=(),
-    data_start=None,
-):
-    """The stage config of one command: its --config YAML (else `start`, else `cls()`), then the options given.
-
-    params: the command's options by name (`ctx.params`); None means "not given". An option sets the
-    field of its name, or the dotted path `renames` gives it ("e2e_cache": "e2e.cache_teacher"), or
-    `prefixes` make of it ({"e2e_": "e2e."}: --e2e-steps sets e2e.steps); when the
-    config's `data` is a DataConfig, the data options (--data, --block-size, --max-chars,
-    --vocab-size, --tokenizer) set its fields, starting from `data_start()` where it is None (the
-    model's own text). Comma-separated text fills a tuple field (a bad item is one sentence), paths
-    become strings. `ignore` names options the command handles itself. Invalid values become
-    one-sentence UserErrors.
-    """
-    from moe_understudy.config import DataConfig
-
-    top = {f.name for f in dataclasses.fields(cls)}
-    corpus = "data" in top and _nested_type(typing.get_type_hints(cls)["data"]) is DataConfig
-    config_file = params.get("config")
-    if config_file is not None and not Path(config_file).is_file():
-        raise UserError(f"--config {config_file} is not a file; pass a YAML file a run wrote.")
-    changes: dict[str, Any] = {}
-    for name, value in params.items():
-        if value is None or name in _NOT_FIELDS or name in ignore:
-            continue
-        is_data = corpus and name in _DATA and (name == "data" or name not in top)
-        path = (renames or {}).get(name) or (f"data.{_DATA[name]}" if is_data else name)
-        for prefix, into in (prefixes or {}).items():
-            if path == name and name.startswith(prefix):
-                path = into + name.removeprefix(prefix)
-        node = changes
-        *parents, last = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    try:
-        base = cls.from_yaml(config_file) if config_file is not None else (start or cls())
-        if data_start is not None and "data" in changes and getattr(base, "data", None) is None:
-            base = base.replace(data=data_start())
-        return _apply(base, changes)
-    except ValueError as err:
-        # one sentence: the config's own message, then what to do
-        raise UserError(f"{str(err).rstrip('.')}; fix the option (see --help) and rerun.") from err
-
-
-def _apply(cfg, changes: dict[str, Any]):
-    """`cfg` with `changes` ({field: value or {nested field: ...}}) applied in one replace per level."""
-    hints = typing.get_type_hints(type(cfg))
-    names = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(changes) - names)
-    if unknown:  # a command maps an option onto no field: a bug here, not the user's
-        raise TypeError(f"{type(cfg).__name__} has no field(s) {unknown}")
-    done = {}
-    for name, value in changes.items():
-        if isinstance(value, dict):
-            inner = getattr(cfg, name)
-            if inner is None:  # e.g. EvalConfig.data: None is the model's own text, given options start anew
-                inner = _nested_type(hints[name])()
-            done[name] = _apply(inner, value)
-        else:
-            done[name] = _coerce_option(name, hints[name], value)
-    return cfg.replace(**done)
-
-
-def _nested_type(hint):
-    """`X` of `X | None` (a hint that is no union stays as it is)."""
-    import types
-
-    if typing.get_origin(hint) not in (typing.Union, types.UnionType):
-        return hint
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if len(args) == 1 else hint
-
-
-def _coerce_option(name: str, hint, value):
-    """An option's value as the field wants it: tuples from comma-separated text or lists, str from paths."""
-    target = _nested_type(hint)
-    if typing.get_origin(target) is tuple:
-        kind = typing.get_args(target)[0]
-        if isinstance(value, str):
-            return split(value, kind, f"--{name.replace('_', '-')}")
-        return tuple(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def model_data(model: str | None, notice: bool = False):
