@@ -579,7 +579,12 @@ class EvalConfig(StageConfig):
     # policies compared side by side; () = full, drop, expanded_drop, reroute, then the policy that serves
     # the understudies' level (shadow for assignment-level stand-ins, understudy for token-level ones)
     policies: tuple[str, ...] = ()
-    capacities: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25)  # capacity factors swept for every capacity policy
+    capacities: tuple[float, ...] = (
+        1.0,
+        1.25,
+        1.5,
+        2.0,
+    )  # capacity factors swept for every capacity policy (the targets' range)
     priority: str = (
         "score"  # score (Capacity-Aware token drop: lowest router weight overflows first) | position
     )

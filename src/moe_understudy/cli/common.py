@@ -69,7 +69,7 @@ CapacitiesOption = Annotated[
         "--capacity",
         help="Comma-separated capacity factors cf (every policy but full): capacity = ceil(cf * tokens * k / "
         "experts) per layer and step; under ep over the GLOBAL batch of all ranks (default: evaluate "
-        "0.5,0.75,1,1.25; ep 1).",
+        "1,1.25,1.5,2; ep 1).",
     ),
 ]
 PriorityOption = Annotated[
