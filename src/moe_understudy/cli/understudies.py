@@ -71,6 +71,8 @@ DISTILL = Stage(
         "extra_experts": "Assignment objective: experts beyond the top-k drawn per token from its router.",
         "focus_cfs": "Assignment objective: weight routed pairs by how often they overflow under score priority at "
         "these capacity factors, e.g. 1,1.25,1.5,2 (default: by combine weight only).",
+        "focus_batch_rows": "Assignment objective: the serving batch (in captured rows) over which --focus-cfs "
+        "plans the overflow; smaller batches, like decode steps, overflow more and spread it over more pairs.",
         "kind": "shadows: swiglu or lowrank.",
         "steps": "Layer-wise steps per layer, an upper bound under early stopping.",
         "batch_tokens": "Captured rows per layer-wise step.",
