@@ -191,6 +191,36 @@ def test_interrupted_end_to_end_resumes_from_its_checkpoint_to_the_same_understu
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_end_to_end_refuses_in_one_sentence_a_checkpoint_whose_optimizer_state_has_another_layout(
+    tmp_path, monkeypatch
+):
+    import moe_understudy.understudy.e2e as e2e_mod
+    from moe_understudy.errors import UserError
+
+    model, understudies, blocks, cfg = _e2e_setup()
+    ckpt = tmp_path / "e2e.pt"
+    real_lr = e2e_mod.warmup_cosine
+
+    def crash_at_step_13(step, *args):
+        if step == 13:
+            raise KeyboardInterrupt
+        return real_lr(step, *args)
+
+    monkeypatch.setattr(e2e_mod, "warmup_cosine", crash_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        train_end_to_end(model, understudies, blocks, cfg, checkpoint=ckpt)
+    monkeypatch.setattr(e2e_mod, "warmup_cosine", real_lr)
+    saved = torch.load(ckpt, weights_only=False)
+    for state in saved["optimizer"]["state"].values():  # moments of an older, transposed layout
+        state["exp_avg"] = state["exp_avg"].reshape(-1)
+    torch.save(saved, ckpt)
+
+    model, understudies, blocks, cfg = _e2e_setup()
+    with pytest.raises(UserError, match="another shape .* delete it and rerun with --resume"):
+        train_end_to_end(model, understudies, blocks, cfg, checkpoint=ckpt)
+    assert ckpt.exists()  # nothing saved is lost
+
+
 def test_end_to_end_refuses_a_checkpoint_from_other_settings_and_stops_on_nan(tmp_path, monkeypatch):
     import moe_understudy.understudy.e2e as e2e_mod
     from moe_understudy.errors import UserError

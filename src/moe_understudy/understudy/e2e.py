@@ -220,6 +220,7 @@ def train_end_to_end(
             for k, m in understudies.items():
                 m.load_state_dict(saved["understudies"][k])
             opt.load_state_dict(saved["optimizer"])
+            _check_optimizer_shapes(opt, checkpoint)
             gen.set_state(saved["generator"])
             history, (running, seen), start = saved["history"], saved["running"], saved["step"]
         for m in understudies.values():
@@ -290,6 +291,19 @@ def train_end_to_end(
     if checkpoint:
         Path(checkpoint).unlink(missing_ok=True)
     return EndToEndResult(kl_before=kl_before, kl_after=kl_after, steps=cfg.steps, history=history)
+
+
+def _check_optimizer_shapes(opt: torch.optim.Optimizer, path: Path | None) -> None:
+    """Refuse, in one sentence, a checkpoint whose optimizer moments do not fit the parameters (one
+    written before a stand-in's parameters changed layout): AdamW would fail only at its first step."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            moments = [v for v in opt.state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0]
+            if any(v.shape != p.shape for v in moments):
+                raise UserError(
+                    f"{path} holds optimizer state for parameters of another shape (an older layout); "
+                    "delete it and rerun with --resume: finished layers are kept, the end-to-end stage starts again."
+                )
 
 
 def _load_checkpoint(path: Path | None, cfg: EndToEndConfig) -> dict | None:
