@@ -161,14 +161,10 @@ def _e2e_setup():
     return model, understudies, blocks, cfg
 
 
-def test_interrupted_end_to_end_resumes_from_its_checkpoint_to_the_same_understudies(tmp_path, monkeypatch):
+def _interrupt_at_step_13(monkeypatch, model, understudies, blocks, cfg, ckpt) -> None:
+    """Run the end-to-end stage with checkpoints until a KeyboardInterrupt at step 13."""
     import moe_understudy.understudy.e2e as e2e_mod
 
-    model, straight, blocks, cfg = _e2e_setup()
-    train_end_to_end(model, straight, blocks, cfg)
-
-    model, resumed, blocks, cfg = _e2e_setup()
-    ckpt = tmp_path / "e2e.pt"
     real_lr = e2e_mod.warmup_cosine
 
     def crash_at_step_13(step, *args):
@@ -178,8 +174,18 @@ def test_interrupted_end_to_end_resumes_from_its_checkpoint_to_the_same_understu
 
     monkeypatch.setattr(e2e_mod, "warmup_cosine", crash_at_step_13)
     with pytest.raises(KeyboardInterrupt):
-        train_end_to_end(model, resumed, blocks, cfg, checkpoint=ckpt)
+        train_end_to_end(model, understudies, blocks, cfg, checkpoint=ckpt)
     monkeypatch.setattr(e2e_mod, "warmup_cosine", real_lr)
+
+
+def test_interrupted_end_to_end_resumes_from_its_checkpoint_to_the_same_understudies(tmp_path, monkeypatch):
+
+    model, straight, blocks, cfg = _e2e_setup()
+    train_end_to_end(model, straight, blocks, cfg)
+
+    model, resumed, blocks, cfg = _e2e_setup()
+    ckpt = tmp_path / "e2e.pt"
+    _interrupt_at_step_13(monkeypatch, model, resumed, blocks, cfg, ckpt)
     assert torch.load(ckpt, weights_only=False)["step"] == 10  # the last checkpoint before the crash
 
     model, resumed, blocks, cfg = _e2e_setup()  # a fresh process: understudies at their initial weights
@@ -194,22 +200,11 @@ def test_interrupted_end_to_end_resumes_from_its_checkpoint_to_the_same_understu
 def test_end_to_end_refuses_in_one_sentence_a_checkpoint_whose_optimizer_state_has_another_layout(
     tmp_path, monkeypatch
 ):
-    import moe_understudy.understudy.e2e as e2e_mod
     from moe_understudy.errors import UserError
 
     model, understudies, blocks, cfg = _e2e_setup()
     ckpt = tmp_path / "e2e.pt"
-    real_lr = e2e_mod.warmup_cosine
-
-    def crash_at_step_13(step, *args):
-        if step == 13:
-            raise KeyboardInterrupt
-        return real_lr(step, *args)
-
-    monkeypatch.setattr(e2e_mod, "warmup_cosine", crash_at_step_13)
-    with pytest.raises(KeyboardInterrupt):
-        train_end_to_end(model, understudies, blocks, cfg, checkpoint=ckpt)
-    monkeypatch.setattr(e2e_mod, "warmup_cosine", real_lr)
+    _interrupt_at_step_13(monkeypatch, model, understudies, blocks, cfg, ckpt)
     saved = torch.load(ckpt, weights_only=False)
     for state in saved["optimizer"]["state"].values():  # moments of an older, transposed layout
         state["exp_avg"] = state["exp_avg"].reshape(-1)
