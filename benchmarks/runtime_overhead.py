@@ -187,6 +187,7 @@ def assignment_parts(model, blocks, reps: int, shadow_width: int, adapter_rank: 
         served = int(plan.shadow_served.sum())
         stand_ins = {
             "trunk": build_understudy("trunk", moe, seed=0, init="random").eval(),
+            "trunk no-FiLM": build_understudy("trunk", moe, seed=0, init="random", film=False).eval(),
             **(
                 {
                     f"trunk a{adapter_rank}": build_understudy(

@@ -97,6 +97,16 @@ def test_a_tokens_assignments_share_one_trunk_pass(tiny_layer):
     assert flops.tolist() == [pass_ + 2 * 8 * trunk.width, pass_ + 8 * trunk.width, 0.0]
 
 
+def test_without_shifts_a_tokens_assignments_cost_one_pass_and_one_mix_of_the_scales(tiny_layer):
+    # without FiLM shifts the hidden units are the expert's own no more: the served pairs' scales are
+    # mixed per token by one (1, E) x (E, w) product, whatever the number of pairs
+    trunk = build_understudy("trunk", tiny_layer, seed=0, film=False, usage=torch.ones(E))
+    served = torch.tensor([[True, True], [True, False], [False, False]])
+    per_token = 6 * H * trunk.width + 2 * E * trunk.width + 3 * trunk.width
+    assert trunk.token_flops(served).tolist() == [per_token, per_token, 0.0]
+    assert trunk.flops_per_assignment() == per_token
+
+
 def test_the_sum_over_a_tokens_assignments_is_the_sum_of_single_assignments(tiny_layer, routed_rows):
     trunk = build_understudy("trunk", tiny_layer, seed=0, init="random")
     with torch.no_grad():

@@ -197,8 +197,7 @@ class GatedTrunk(AssignmentStandIn):
         1.85 slots per served pair), and serving each row's first pair in place while gathering
         only the others (more small ops than it saved).
         """
-        k = indices.shape[1]
-        W, E = self.width, self.num_experts
+        k, E = indices.shape[1], self.num_experts
         pair_at = (indices < E).nonzero()  # (P, 2) (token, slot), tokens ascending
         out = torch.zeros_like(x)
         if pair_at.shape[0] == 0:
@@ -210,23 +209,50 @@ class GatedTrunk(AssignmentStandIn):
         experts = indices.reshape(-1).index_select(0, flat)
         weight = weights.reshape(-1).index_select(0, flat).to(x.dtype)[:, None]
         gu = F.linear(x.index_select(0, rows), self.gate_up)  # (R, 2w): g then u
-        if not one_per_row:
-            gu = gu.index_select(0, row_of_pair)  # (P, 2w)
-        g, u = gu[:, :W], gu[:, W:]  # (P, w) each, rows 2w apart
-        if self.shift is not None:
-            shift = F.embedding(experts, self.shift.view(E, 2 * W))  # (P, 2w): c_e, d_e
-            # g + c_e out of place, so that silu reads a contiguous g: on the strided half of gu it
-            # loops row by row (each row's tail outside the vector loop) and took 2x the time
-            g, u = torch.add(g, shift[:, :W]), u.add_(shift[:, W:])
-        scaled = F.embedding(experts, self.scale).mul_(weight)  # (P, w): w s_e
-        h = F.silu(g).mul_(u).mul_(scaled)  # (P, w)
-        if not one_per_row:
-            h = torch.zeros(rows.shape[0], W, dtype=x.dtype, device=x.device).index_add_(0, row_of_pair, h)
-        served = F.linear(h, self.down)
+        if self.shift is None:
+            served = F.linear(self._unshifted_hidden(gu, row_of_pair, experts, weight), self.down)
+        else:
+            served = F.linear(self._shifted_hidden(gu, row_of_pair, experts, weight, one_per_row), self.down)
         if self.adapter_rank:
             y, order = by_expert(x, tokens, experts, E, self._expert_adapter)  # y in expert order
             served.index_add_(0, row_of_pair.index_select(0, order), y.mul_(weight.index_select(0, order)))
         return out.index_copy_(0, rows, served)
+
+    def _unshifted_hidden(
+        self, gu: torch.Tensor, row_of_pair: torch.Tensor, experts: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """(R, w) sum over each row's pairs of w_e s_e * silu(g) * u, without FiLM shifts.
+
+        The hidden units do not depend on the expert then, so the sum is silu(g) * u * (sum_e w_e s_e)
+        and the per-row mix of scales is one (R, E) x (E, w) product: no (P, w) tensor is made, which
+        with top-8 routing (several served pairs per row) is most of the pair form's passes.
+        """
+        W, E = self.width, self.num_experts
+        mix = gu.new_zeros(gu.shape[0], E).index_put_((row_of_pair, experts), weight[:, 0], accumulate=True)
+        return F.silu(gu[:, :W].contiguous()).mul_(gu[:, W:]).mul_(mix @ self.scale)
+
+    def _shifted_hidden(
+        self,
+        gu: torch.Tensor,
+        row_of_pair: torch.Tensor,
+        experts: torch.Tensor,
+        weight: torch.Tensor,
+        one_per_row: bool,
+    ) -> torch.Tensor:
+        """(R, w) sum over each row's pairs of w_e s_e * silu(g + c_e) * (u + d_e)."""
+        W, E, rows = self.width, self.num_experts, gu.shape[0]
+        if not one_per_row:
+            gu = gu.index_select(0, row_of_pair)  # (P, 2w)
+        g, u = gu[:, :W], gu[:, W:]  # (P, w) each, rows 2w apart
+        shift = F.embedding(experts, self.shift.view(E, 2 * W))  # (P, 2w): c_e, d_e
+        # g + c_e out of place, so that silu reads a contiguous g: on the strided half of gu it
+        # loops row by row (each row's tail outside the vector loop) and took 2x the time
+        g, u = torch.add(g, shift[:, :W]), u.add_(shift[:, W:])
+        scaled = F.embedding(experts, self.scale).mul_(weight)  # (P, w): w s_e
+        h = F.silu(g).mul_(u).mul_(scaled)  # (P, w)
+        if one_per_row:
+            return h
+        return torch.zeros(rows, W, dtype=h.dtype, device=h.device).index_add_(0, row_of_pair, h)
 
     def _hidden(self, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """g, u (R, w), idx (R, n) -> (R, n, w): each expert's conditioned hidden units."""
@@ -247,13 +273,19 @@ class GatedTrunk(AssignmentStandIn):
             out = out + self._adapted(x, rows, indices.reshape(-1)).view(N, n, -1)
         return out
 
+    def _row_flops(self) -> int:
+        """FLOPs of the trunk pass of one token with served assignments: G/U and D, and without FiLM
+        shifts the (1, E) x (E, w) mix of the scales and the elementwise product."""
+        mix = 0 if self.film else 2 * self.num_experts * self.width + 3 * self.width
+        return 6 * self.hidden_size * self.width + mix
+
     def _pair_flops(self, rank: int | torch.Tensor) -> int | torch.Tensor:
-        """FLOPs of one served assignment beyond the token's trunk pass: FiLM, and its expert's adapter."""
-        return 8 * self.width + 4 * self.hidden_size * rank
+        """FLOPs of one served assignment beyond its token's trunk pass: FiLM, and its expert's adapter."""
+        return (8 * self.width if self.film else 0) + 4 * self.hidden_size * rank
 
     def flops_per_assignment(self) -> float:
         """A lone served assignment of the expert with the largest adapter."""
-        return 6 * self.hidden_size * self.width + self._pair_flops(self.adapter_rank)
+        return self._row_flops() + self._pair_flops(self.adapter_rank)
 
     def token_flops(self, served: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """(T,) one trunk pass per token with any served assignment, plus the per-assignment work
@@ -262,7 +294,7 @@ class GatedTrunk(AssignmentStandIn):
             pair = torch.full(served.shape, float(self._pair_flops(self.adapter_rank)), dtype=torch.float64)
         else:
             pair = self._pair_flops(self._rank_of[indices.clamp(0, self.num_experts)])
-        trunk = served.any(-1).double() * (6 * self.hidden_size * self.width)
+        trunk = served.any(-1).double() * self._row_flops()
         return trunk + (pair * served).sum(-1)
 
     def config(self) -> dict[str, Any]:
