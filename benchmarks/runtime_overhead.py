@@ -192,7 +192,10 @@ def assignment_parts(model, blocks, reps: int, shadow_width: int, adapter_rank: 
                 {
                     f"trunk a{adapter_rank}": build_understudy(
                         "trunk", moe, seed=0, init="random", adapter_rank=adapter_rank
-                    ).eval()
+                    ).eval(),
+                    f"trunk a{adapter_rank} no-FiLM": build_understudy(
+                        "trunk", moe, seed=0, init="random", adapter_rank=adapter_rank, film=False
+                    ).eval(),
                 }
                 if adapter_rank
                 else {}
