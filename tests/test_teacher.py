@@ -47,6 +47,9 @@ def test_quick_teacher_trains_and_reopens_with_from_pretrained(tmp_path, corpus_
     assert metrics["val_perplexity"] == pytest.approx(result.val_perplexity, rel=1e-3)
     assert result.val_perplexity < 300  # better than uniform over the 300-token vocabulary
     assert len(metrics["expert_load"]["max_over_mean_per_batch"]) == 2
+    blocks = torch.load(out / "blocks.pt")
+    assert metrics["data_sha256"] == teacher_mod.data_fingerprint(blocks["train"], blocks["val"])
+    assert metrics["data_sha256"] != teacher_mod.data_fingerprint(blocks["train"][1:], blocks["val"])
     reopened, tokenizer = load_model_and_tokenizer(out)
     assert tokenizer.decode(tokenizer("def f(x): return x")["input_ids"]) == "def f(x): return x"
 
