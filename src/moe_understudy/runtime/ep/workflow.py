@@ -164,6 +164,9 @@ def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
             payload = {"runs": summaries, "placement": placement.to_json(), "records": all_records}
             (out / "ep.json").write_text(json.dumps(payload, indent=1))
             cfg.to_yaml(out / "ep.yaml")
+        # every rank tears the group down together: a rank that exits while another still destroys
+        # its gloo pairs made that one abort ("terminate called without an active exception")
+        collective("barrier(teardown)", dist.barrier)
         return summaries
     finally:
         if dist.is_initialized():
