@@ -125,3 +125,21 @@ def test_distill_help_shows_the_distill_configs_defaults(flag, field):
     text = _help(app, "distill")
     after = text[text.index(f"{flag} ") :]
     assert f"(default {value!r})" in after[: after.index(" --", 2)]
+
+
+def test_a_path_option_shows_as_a_path_and_reaches_its_field_as_text(tmp_path):
+    stage = Stage(_Probe, {"name": "Where to write."}, paths=("name",))
+    seen: dict = {}
+    path_app = typer.Typer()
+
+    @command(stage=stage, tail=("config", "debug"), on=path_app)
+    def probe(ctx: typer.Context) -> None:
+        seen["cfg"] = stage.configure(ctx.params)
+
+    @command(on=path_app)
+    def other(ctx: typer.Context) -> None:
+        pass
+
+    assert "--name <path>" in _help(path_app, "probe")
+    assert CliRunner().invoke(path_app, ["probe", "--name", str(tmp_path / "x")]).exit_code == 0
+    assert seen["cfg"].name == str(tmp_path / "x")

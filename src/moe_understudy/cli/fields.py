@@ -42,6 +42,7 @@ class Stage:
     e2e.steps); data options (--data, --block-size, ...) set the fields of the config's DataConfig.
     A help that names no default gets the field's, e.g. "(default 1500)". flags: click declarations
     that replace the plain --name (e.g. "--film/--no-film"; a bool field gets --name/--no-name).
+    paths: options that name a file or folder (shown as <path>; the field keeps the text).
     """
 
     cls: type
@@ -49,6 +50,7 @@ class Stage:
     renames: Mapping[str, str] = field(default_factory=dict)
     prefixes: Mapping[str, str] = field(default_factory=dict)
     flags: Mapping[str, str] = field(default_factory=dict)
+    paths: tuple[str, ...] = ()
 
     def configure(self, params: dict[str, Any], *, start=None, ignore=(), data_start=None):
         """The stage config of one command: its --config YAML (else `start`, else `cls()`), then the options given.
@@ -102,6 +104,8 @@ class Stage:
             decls = [f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}"]
         if typing.get_origin(kind) is tuple:
             kind = str  # comma-separated on the command line
+        if name in self.paths:
+            kind = Path
         if "default" not in help_text.lower() and default not in (None, "", ()):
             help_text = f"{help_text.rstrip('.')} (default {_shown(default)})."
         return Annotated[kind | None, typer.Option(*decls, help=help_text)]

@@ -77,6 +77,7 @@ INSPECT = Stage(
         "batch_size": "Blocks per forward (the 'layer-batch' of the max/mean figure).",
         "heatmap": "Save a layer x expert load heatmap PNG here.",
     },
+    paths=("heatmap",),
 )
 
 

@@ -143,6 +143,7 @@ ROUGE = Stage(
         "out": "Write the report (per dataset, per task, per seed) as JSON here, rouge.yaml beside it.",
     },
     flags={"greedy": "--greedy"},
+    paths=("out",),
 )
 
 

@@ -42,6 +42,7 @@ SIMULATE = Stage(
         "seed": "Random seed (token sampling, synthetic trace, expansion).",
     },
     renames={"experts": "synthetic_experts", **{name: f"cost.{name}" for name in _COST}},
+    paths=("trace",),
 )
 
 

@@ -38,6 +38,7 @@ EVALUATE = Stage(
         "expanded_m": "expanded_drop / expanded_shadow: local candidates per token.",
     },
     renames={"blocks": "max_blocks", "batch_size": "batch_sizes", "devices": "num_devices"},
+    paths=("out",),
 )
 
 
@@ -114,6 +115,7 @@ DEMO = Stage(
     },
     renames={"capacity": "capacities"},
     flags={"quick": "--quick"},
+    paths=("out", "teacher"),
 )
 
 

@@ -25,6 +25,7 @@ SERVE = Stage(
         "out": "Report folder: report.json, report.png and serve.yaml.",
     },
     renames={"devices": "num_devices"},
+    paths=("out",),
 )
 
 

@@ -22,6 +22,7 @@ CAPTURE = Stage(
         "store_dtype": "Stored dtype of x, y, logits, weights: float32, bfloat16 or float16 (default: --dtype).",
     },
     renames={"dtype": "model_dtype", "store_dtype": "dtype"},
+    paths=("out",),
 )
 
 
@@ -109,6 +110,7 @@ DISTILL = Stage(
     },
     prefixes={"e2e_": "e2e."},
     flags={"film": "--film/--no-film", "e2e_cache": "--e2e-cache/--no-e2e-cache"},
+    paths=("store", "out"),
 )
 
 
