@@ -25,6 +25,21 @@ def test_the_trunk_serves_single_assignments_and_reports_its_size(tiny_layer):
     assert GatedTrunk(H, E, K, w + 1).flops_per_assignment() > 0.5 * tiny_layer.expert_flops_per_token()
 
 
+def test_the_default_width_without_shifts_keeps_a_lone_assignment_within_half_an_expert(tiny_layer):
+    # without shifts a token pays the mix of the scales instead of FiLM per pair: the default width
+    # follows that cost, not the FiLM trunk's
+    trunk = build_understudy("trunk", tiny_layer, seed=0, film=False, usage=torch.ones(E))
+    half = 0.5 * tiny_layer.expert_flops_per_token()
+    assert trunk.flops_per_assignment() <= half
+    assert GatedTrunk(H, E, K, trunk.width + 1, film=False).flops_per_assignment() > half
+    # at the demo teacher's sizes the FiLM trunk's width (126) would be too wide without shifts
+    half = 3 * 128 * 256
+    w = GatedTrunk.widest(128, 8, half, adapter_rank=0, film=False)
+    assert w < GatedTrunk.widest(128, 8, half, adapter_rank=0, film=True) == 126
+    assert GatedTrunk(128, 8, 2, w, film=False).flops_per_assignment() <= half
+    assert GatedTrunk(128, 8, 2, w + 1, film=False).flops_per_assignment() > half
+
+
 def test_adapters_add_their_parameters_and_per_pair_flops_and_start_as_the_plain_trunk(
     tiny_layer, routed_rows
 ):

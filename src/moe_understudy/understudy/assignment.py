@@ -273,15 +273,28 @@ class GatedTrunk(AssignmentStandIn):
             out = out + self._adapted(x, rows, indices.reshape(-1)).view(N, n, -1)
         return out
 
+    @staticmethod
+    def _unit_flops(hidden_size: int, num_experts: int, film: bool) -> tuple[int, int]:
+        """(per token, per served pair) FLOPs of one unit of width: the trunk pass (G/U and D), and
+        FiLM per pair or, without shifts, the per-token (1, E) x (E, w) mix of the scales and the
+        elementwise product."""
+        return 6 * hidden_size + (0 if film else 2 * num_experts + 3), (8 if film else 0)
+
+    @classmethod
+    def widest(cls, hidden_size: int, num_experts: int, budget: float, adapter_rank: int, film: bool) -> int:
+        """The widest trunk whose lone served assignment (of the expert of rank `adapter_rank`) costs
+        at most `budget` FLOPs."""
+        row, pair = cls._unit_flops(hidden_size, num_experts, film)
+        return max(1, int(budget - 4 * hidden_size * adapter_rank) // (row + pair))
+
     def _row_flops(self) -> int:
-        """FLOPs of the trunk pass of one token with served assignments: G/U and D, and without FiLM
-        shifts the (1, E) x (E, w) mix of the scales and the elementwise product."""
-        mix = 0 if self.film else 2 * self.num_experts * self.width + 3 * self.width
-        return 6 * self.hidden_size * self.width + mix
+        """FLOPs of the trunk pass of one token with served assignments."""
+        return self._unit_flops(self.hidden_size, self.num_experts, self.film)[0] * self.width
 
     def _pair_flops(self, rank: int | torch.Tensor) -> int | torch.Tensor:
         """FLOPs of one served assignment beyond its token's trunk pass: FiLM, and its expert's adapter."""
-        return (8 * self.width if self.film else 0) + 4 * self.hidden_size * rank
+        pair = self._unit_flops(self.hidden_size, self.num_experts, self.film)[1]
+        return pair * self.width + 4 * self.hidden_size * rank
 
     def flops_per_assignment(self) -> float:
         """A lone served assignment of the expert with the largest adapter."""

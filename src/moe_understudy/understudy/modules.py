@@ -245,8 +245,11 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
         # (an expert of its own rank each: the width is set by the largest)
         rank = kw.pop("adapter_rank", 0)  # GatedTrunk reads an int or one rank per expert
         top_rank = rank if isinstance(rank, int) else max(rank, default=0)
-        width = int(kw.pop("width", max(1, (3 * H * inter - 4 * H * top_rank) // (6 * H + 8))))
-        module = GatedTrunk(H, E, k, width=width, film=bool(kw.pop("film", True)), adapter_rank=rank)
+        film = bool(kw.pop("film", True))
+        width = int(
+            kw.pop("width", GatedTrunk.widest(H, E, layer.expert_flops_per_token() // 2, top_rank, film))
+        )
+        module = GatedTrunk(H, E, k, width=width, film=film, adapter_rank=rank)
         if init != "random":
             trunk_from_experts(module, layer, kw.pop("usage", None), init)
         return module
