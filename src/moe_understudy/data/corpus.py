@@ -142,8 +142,10 @@ def site_packages_documents(root: str | Path | None = None) -> list[LazyDoc]:
     """
     root = Path(root if root is not None else sysconfig.get_paths()["purelib"])
     rels: list[str] = []
+    # os.path string operations, not Path objects: a site-packages with torch holds ~100k files.
     for dirpath, dirnames, filenames in os.walk(root):
-        top = Path(dirpath) == root
+        top = dirpath == str(root)
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         dirnames[:] = [
             d
             for d in dirnames
@@ -153,10 +155,10 @@ def site_packages_documents(root: str | Path | None = None) -> list[LazyDoc]:
             and not (top and (d == _OWN_PACKAGE or d.startswith("__editable__")))
         ]
         for name in filenames:
-            if Path(name).suffix not in _SITE_SUFFIXES or (top and name.startswith("__editable__")):
+            if os.path.splitext(name)[1] not in _SITE_SUFFIXES or (top and name.startswith("__editable__")):
                 continue
-            rels.append(Path(dirpath, name).relative_to(root).as_posix())
-    return [(f"site-packages/{rel}", _file_reader(root / rel)) for rel in sorted(rels)]
+            rels.append(name if top else f"{rel_dir}/{name}")
+    return [(f"site-packages/{rel}", _file_reader(f"{root}/{rel}")) for rel in sorted(rels)]
 
 
 def _pydoc_topics() -> dict[str, str]:
@@ -400,11 +402,12 @@ def _is_text_file(path: Path) -> bool:
     return True
 
 
-def read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")
+def read_text(path: str | Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
 
 
-def _file_reader(path: Path) -> Callable[[], str]:
+def _file_reader(path: str | Path) -> Callable[[], str]:
     return lambda: read_text(path)
 
 
