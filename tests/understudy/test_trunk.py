@@ -196,7 +196,9 @@ def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(
 
 
 @pytest.mark.parametrize("one_per_token", [False, True], ids=["some-tokens-two-pairs", "one-pair-per-token"])
-@pytest.mark.parametrize(("film", "adapter_rank"), [(True, 0), (False, 0), (True, 3), (True, (0, 5, 1, 2))])
+@pytest.mark.parametrize(
+    ("film", "adapter_rank"), [(True, 0), (False, 0), (True, 3), (False, 3), (True, (0, 5, 1, 2))]
+)
 def test_serving_a_mix_of_assignments_equals_the_weighted_per_pair_outputs_in_value_and_gradient(
     tiny_layer, routed_rows, film, adapter_rank, one_per_token
 ):

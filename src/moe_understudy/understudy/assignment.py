@@ -198,8 +198,16 @@ class GatedTrunk(AssignmentStandIn):
         only the others (more small ops than it saved).
         """
         k, E = indices.shape[1], self.num_experts
-        pair_at = (indices < E).nonzero()  # (P, 2) (token, slot), tokens ascending
         out = torch.zeros_like(x)
+        if self.shift is None and not self.adapter_rank:
+            # Nothing depends on the pair but its weight and expert: no pair list at all.
+            rows = (indices < E).any(1).nonzero().squeeze(1)
+            if rows.shape[0] == 0:
+                return out
+            gu = F.linear(x.index_select(0, rows), self.gate_up)
+            hidden = self._unshifted_hidden(gu, indices.index_select(0, rows), weights.index_select(0, rows))
+            return out.index_copy_(0, rows, F.linear(hidden, self.down))
+        pair_at = (indices < E).nonzero()  # (P, 2) (token, slot), tokens ascending
         if pair_at.shape[0] == 0:
             return out
         tokens, slots = pair_at.unbind(1)
@@ -210,7 +218,8 @@ class GatedTrunk(AssignmentStandIn):
         weight = weights.reshape(-1).index_select(0, flat).to(x.dtype)[:, None]
         gu = F.linear(x.index_select(0, rows), self.gate_up)  # (R, 2w): g then u
         if self.shift is None:
-            served = F.linear(self._unshifted_hidden(gu, row_of_pair, experts, weight), self.down)
+            hidden = self._unshifted_hidden(gu, indices.index_select(0, rows), weights.index_select(0, rows))
+            served = F.linear(hidden, self.down)
         else:
             served = F.linear(self._shifted_hidden(gu, row_of_pair, experts, weight, one_per_row), self.down)
         if self.adapter_rank:
@@ -219,17 +228,19 @@ class GatedTrunk(AssignmentStandIn):
         return out.index_copy_(0, rows, served)
 
     def _unshifted_hidden(
-        self, gu: torch.Tensor, row_of_pair: torch.Tensor, experts: torch.Tensor, weight: torch.Tensor
+        self, gu: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        """(R, w) sum over each row's pairs of w_e s_e * silu(g) * u, without FiLM shifts.
+        """(R, w) sum over each row's served pairs (indices (R, k), E = not served) of w_e s_e * silu(g) * u.
 
-        The hidden units do not depend on the expert then, so the sum is silu(g) * u * (sum_e w_e s_e)
-        and the per-row mix of scales is one (R, E) x (E, w) product: no (P, w) tensor is made, which
-        with top-8 routing (several served pairs per row) is most of the pair form's passes.
+        Without FiLM shifts the hidden units do not depend on the expert, so the sum is
+        silu(g) * u * (sum_e w_e s_e) and the per-row mix of scales is one (R, E) x (E, w) product:
+        no (P, w) tensor is made, which with top-8 routing (several served pairs per row) is most
+        of the pair form's passes. The mix is one scatter of the (R, k) weights, the unserved slots
+        into a spare column E.
         """
         W, E = self.width, self.num_experts
-        mix = gu.new_zeros(gu.shape[0], E).index_put_((row_of_pair, experts), weight[:, 0], accumulate=True)
-        return F.silu(gu[:, :W].contiguous()).mul_(gu[:, W:]).mul_(mix @ self.scale)
+        mix = gu.new_zeros(gu.shape[0], E + 1).scatter_add_(1, indices, weights.to(gu.dtype))
+        return F.silu(gu[:, :W].contiguous()).mul_(gu[:, W:]).mul_(mix[:, :E] @ self.scale)
 
     def _shifted_hidden(
         self,
