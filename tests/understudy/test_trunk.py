@@ -228,6 +228,32 @@ def test_serving_a_mix_of_assignments_equals_the_weighted_per_pair_outputs_in_va
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("served_rows", [1 / 4, 15 / 16], ids=["few-rows-gathered", "most-rows-every-row"])
+@pytest.mark.parametrize(("film", "adapter_rank"), [(True, 0), (False, 0), (False, 3)])
+def test_rows_without_a_served_pair_come_out_zero_whether_or_not_the_trunk_runs_on_every_row(
+    tiny_layer, routed_rows, film, adapter_rank, served_rows
+):
+    # From _EVERY_ROW_FROM (0.8) of the rows up, the trunk runs on every row instead of gathering
+    # the served ones; both ways must give the per-pair reference and zero elsewhere.
+    trunk = build_understudy("trunk", tiny_layer, seed=0, film=film, init="random", adapter_rank=adapter_rank)
+    _perturbed_adapters(trunk)
+    with torch.no_grad():
+        trunk.scale.uniform_(0.5, 1.5)
+        if film:
+            trunk.shift.normal_()
+    rows = routed_rows(tiny_layer, n=32)
+    indices = rows["indices"].clone()
+    unserved = torch.arange(32) >= int(served_rows * 32)
+    indices[unserved] = E
+    served = trunk(rows["x"], indices, rows["weights"])
+    kept = (indices < E).to(served.dtype)[..., None]
+    pairs = trunk.pair_outputs(rows["x"], indices.clamp(max=E - 1))
+    torch.testing.assert_close(
+        served, (pairs * (rows["weights"][..., None] * kept)).sum(1), rtol=1e-5, atol=1e-6
+    )
+    assert bool((served[unserved] == 0).all())
+
+
 def test_the_serving_focus_weighs_routed_pairs_by_how_often_they_overflow(tiny_layer, routed_rows):
     rows = routed_rows(tiny_layer, n=256)
     focused = AssignmentObjective(tiny_layer, extra=0, serving=(0.5, 1.0), batch_rows=64)
