@@ -97,12 +97,14 @@ def sweep_runs(cfg: EPConfig) -> list[tuple[str, float]]:
     return runs + [(p, cf) for p in cfg.policies if p != "full" for cf in cfg.capacities]
 
 
-def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
+def run_ep_evaluation(cfg: EPConfig, destroy_group: bool = True) -> list[dict]:
     """Perplexity and per-rank traffic of every policy x capacity of `cfg` under expert parallelism.
 
     Call on every rank. The model is loaded and its experts placed once; the runs of the sweep
     reuse them. Rank 0 writes `cfg.out`/ep.json (one summary per run, the placement, and every
-    rank's per-layer, per-step records per run) and ep.yaml. Returns the summaries on every rank.
+    rank's per-layer, per-step records per run) and ep.yaml. Returns the summaries on every rank,
+    after a barrier that all ranks pass together; `destroy_group=False` leaves the process group
+    up on success (for a process that exits right after, see `main`).
     """
     from moe_understudy.data.heldout import model_blocks
     from moe_understudy.moe.loading import load_model_and_tokenizer
@@ -167,10 +169,13 @@ def run_ep_evaluation(cfg: EPConfig) -> list[dict]:
         # every rank tears the group down together: a rank that exits while another still destroys
         # its gloo pairs made that one abort ("terminate called without an active exception")
         collective("barrier(teardown)", dist.barrier)
-        return summaries
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if destroy_group and dist.is_initialized():
+        dist.destroy_process_group()
+    return summaries
 
 
 @torch.no_grad()
@@ -317,7 +322,14 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: torchrun --nproc-per-node N -m moe_understudy.runtime.ep EP_YAML")
-    summaries = run_ep_evaluation(EPConfig.from_yaml(args[0]))
+    summaries = run_ep_evaluation(EPConfig.from_yaml(args[0]), destroy_group=False)
     if int(os.environ.get("RANK", 0)) == 0:
         for s in summaries:
             print(json.dumps({k: v for k, v in s.items() if k != "per_rank"}))
+    # Past the teardown barrier every rank's results are written, so the rank leaves at once:
+    # destroying gloo's process group (or letting interpreter exit destroy it) while the other
+    # rank tears down its own still aborted one rank now and then ("terminate called without an
+    # active exception", about one suite run in five under load), failing a finished run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
