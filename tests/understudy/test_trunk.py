@@ -195,6 +195,17 @@ def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(
     torch.testing.assert_close(trunk.pair_outputs(rows["x"], rows["indices"]), generic, rtol=1e-5, atol=1e-6)
 
 
+def _conditioned_trunk(tiny_layer, film, adapter_rank):
+    """A trunk whose scales, shifts and adapters all differ by expert, so a mixed-up pair shows."""
+    trunk = build_understudy("trunk", tiny_layer, seed=0, film=film, init="random", adapter_rank=adapter_rank)
+    _perturbed_adapters(trunk)
+    with torch.no_grad():
+        trunk.scale.uniform_(0.5, 1.5)
+        if film:
+            trunk.shift.normal_()
+    return trunk
+
+
 @pytest.mark.parametrize("one_per_token", [False, True], ids=["some-tokens-two-pairs", "one-pair-per-token"])
 @pytest.mark.parametrize(
     ("film", "adapter_rank"), [(True, 0), (False, 0), (True, 3), (False, 3), (True, (0, 5, 1, 2))]
@@ -202,12 +213,7 @@ def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(
 def test_serving_a_mix_of_assignments_equals_the_weighted_per_pair_outputs_in_value_and_gradient(
     tiny_layer, routed_rows, film, adapter_rank, one_per_token
 ):
-    trunk = build_understudy("trunk", tiny_layer, seed=0, film=film, init="random", adapter_rank=adapter_rank)
-    _perturbed_adapters(trunk)
-    with torch.no_grad():
-        trunk.scale.uniform_(0.5, 1.5)
-        if film:
-            trunk.shift.normal_()
+    trunk = _conditioned_trunk(tiny_layer, film, adapter_rank)
     rows = routed_rows(tiny_layer, n=16)
     indices = rows["indices"].clone()
     indices[::3, 0] = E  # some slots skipped, as the shadow policy hands them over
@@ -235,12 +241,7 @@ def test_rows_without_a_served_pair_come_out_zero_whether_or_not_the_trunk_runs_
 ):
     # From _EVERY_ROW_FROM (0.8) of the rows up, the trunk runs on every row instead of gathering
     # the served ones; both ways must give the per-pair reference and zero elsewhere.
-    trunk = build_understudy("trunk", tiny_layer, seed=0, film=film, init="random", adapter_rank=adapter_rank)
-    _perturbed_adapters(trunk)
-    with torch.no_grad():
-        trunk.scale.uniform_(0.5, 1.5)
-        if film:
-            trunk.shift.normal_()
+    trunk = _conditioned_trunk(tiny_layer, film, adapter_rank)
     rows = routed_rows(tiny_layer, n=32)
     indices = rows["indices"].clone()
     unserved = torch.arange(32) >= int(served_rows * 32)
