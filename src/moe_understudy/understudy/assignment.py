@@ -205,39 +205,37 @@ class GatedTrunk(AssignmentStandIn):
         (more small ops than it saved).
         """
         k, E = indices.shape[1], self.num_experts
-        served_row = (indices < E).any(1)
+        valid = indices < E
+        served_row = valid.any(1)
         num_rows = int(served_row.sum())
         if num_rows == 0:
             return torch.zeros_like(x)
-        every_row = num_rows >= _EVERY_ROW_FROM * x.shape[0]
-        if self.shift is None and not self.adapter_rank:
-            # Nothing depends on the pair but its weight and expert: no pair list at all.
-            if every_row:
-                return F.linear(
-                    self._unshifted_hidden(F.linear(x, self.gate_up), indices, weights), self.down
-                )
-            rows = served_row.nonzero().squeeze(1)
-            gu = F.linear(x.index_select(0, rows), self.gate_up)
-            hidden = self._unshifted_hidden(gu, indices.index_select(0, rows), weights.index_select(0, rows))
-            return torch.zeros_like(x).index_copy_(0, rows, F.linear(hidden, self.down))
-        tokens, slots = (indices < E).nonzero().unbind(1)  # (P,) each, tokens ascending
-        if every_row:
-            rows, row_of_pair, gu = None, tokens, F.linear(x, self.gate_up)  # (T, 2w)
-        else:
-            rows, row_of_pair = torch.unique_consecutive(tokens, return_inverse=True)  # (R,), (P,) into rows
-            gu = F.linear(x.index_select(0, rows), self.gate_up)  # (R, 2w): g then u
-        one_per_row = rows is not None and rows.shape[0] == tokens.shape[0]
-        flat = tokens * k + slots
-        experts = indices.reshape(-1).index_select(0, flat)
-        weight = weights.reshape(-1).index_select(0, flat).to(x.dtype)[:, None]
+        rows = None if num_rows >= _EVERY_ROW_FROM * x.shape[0] else served_row.nonzero().squeeze(1)
+        gu = F.linear(x if rows is None else x.index_select(0, rows), self.gate_up)  # (R, 2w): g then u
         if self.shift is None:
-            on_rows = (indices, weights) if rows is None else (indices[rows], weights[rows])
+            # Nothing depends on the pair but its weight and expert: no pair list for the trunk.
+            on_rows = (
+                (indices, weights)
+                if rows is None
+                else (indices.index_select(0, rows), weights.index_select(0, rows))
+            )
             served = F.linear(self._unshifted_hidden(gu, *on_rows), self.down)
-        else:
-            served = F.linear(self._shifted_hidden(gu, row_of_pair, experts, weight, one_per_row), self.down)
-        if self.adapter_rank:
-            y, order = by_expert(x, tokens, experts, E, self._expert_adapter)  # y in expert order
-            served.index_add_(0, row_of_pair.index_select(0, order), y.mul_(weight.index_select(0, order)))
+        if self.shift is not None or self.adapter_rank:
+            tokens, slots = valid.nonzero().unbind(1)  # (P,) each, tokens ascending
+            # each pair's row of gu: its token, or the token's place among the served rows
+            row_of_pair = tokens if rows is None else (served_row.cumsum(0) - 1).index_select(0, tokens)
+            flat = tokens * k + slots
+            experts = indices.reshape(-1).index_select(0, flat)
+            weight = weights.reshape(-1).index_select(0, flat).to(x.dtype)[:, None]
+            if self.shift is not None:
+                one_per_row = rows is not None and rows.shape[0] == tokens.shape[0]
+                hidden = self._shifted_hidden(gu, row_of_pair, experts, weight, one_per_row)
+                served = F.linear(hidden, self.down)
+            if self.adapter_rank:
+                y, order = by_expert(x, tokens, experts, E, self._expert_adapter)  # y in expert order
+                served.index_add_(
+                    0, row_of_pair.index_select(0, order), y.mul_(weight.index_select(0, order))
+                )
         return served if rows is None else torch.zeros_like(x).index_copy_(0, rows, served)
 
     def _unshifted_hidden(
