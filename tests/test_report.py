@@ -61,6 +61,14 @@ def test_table_shows_every_row_with_signed_delta():
     assert text.count("│ drop ") == 2 and "+190.00" in text and "understudy" in text
 
 
+def test_table_shows_the_interval_beside_the_delta_where_a_row_has_one():
+    r = rows()
+    r[1] = {**r[1], "ppl_delta_ci95": [150.0, 231.5]}
+    console = Console(width=240, record=True)
+    console.print(rows_table(r))
+    assert "+150.00..+231.50" in console.export_text()
+
+
 def test_write_report_saves_rows_meta_and_png(tmp_path):
     paths = write_report(rows(), tmp_path, meta={"command": "x"})
     data = json.loads(paths["json"].read_text())

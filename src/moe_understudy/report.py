@@ -18,6 +18,7 @@ _COLUMNS = [
     ("capacity_factor", "cf", "{:g}"),
     ("perplexity", "ppl", "{:.3f}"),
     ("ppl_delta_pct", "Δppl %", "{:+.2f}"),
+    ("ppl_delta_ci95", "95% interval", "{0[0]:+.2f}..{0[1]:+.2f}"),  # paired bootstrap over batches
     ("kl", "KL/token", "{:.4f}"),
     ("agreement", "top-1 agree", "{:.3f}"),
     ("frac_tokens_degraded", "tok degraded", "{:.3f}"),

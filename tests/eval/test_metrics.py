@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 
+from moe_understudy.errors import UserError
 from moe_understudy.eval.metrics import (
     kl_per_token,
     next_token_view,
+    paired_ppl_delta_interval,
     perplexity,
+    ratio_interval,
     token_nll,
     top1_agreement,
 )
@@ -71,3 +74,42 @@ def test_next_token_view_shifts_by_one():
     flat, targets = next_token_view(logits, ids)
     assert flat.shape == (4, 4) and targets.tolist() == [2, 3, 5, 6]
     assert torch.equal(flat[2], logits[1, 0])
+
+
+def test_paired_interval_is_a_point_when_every_batch_has_the_same_gap():
+    reference = torch.tensor([900.0, 1100.0, 1000.0, 950.0], dtype=torch.float64)
+    counts = torch.tensor([1000.0, 1000.0, 1000.0, 1000.0], dtype=torch.float64)
+    low, high = paired_ppl_delta_interval(reference + 10.0, reference, counts)  # 0.01 nats per token
+    assert low == pytest.approx(100 * math.expm1(0.01)) and high == pytest.approx(low)
+
+
+def test_paired_interval_holds_the_point_estimate_and_narrows_with_more_batches():
+    gen = torch.Generator().manual_seed(1)
+
+    def interval(batches):
+        reference = 1000.0 + 50 * torch.randn(batches, generator=gen, dtype=torch.float64)
+        gap = 5.0 + 3.0 * torch.randn(batches, generator=gen, dtype=torch.float64)  # noisy, mean > 0
+        counts = torch.full((batches,), 1000.0, dtype=torch.float64)
+        point = 100 * math.expm1(float(gap.sum() / counts.sum()))
+        return point, paired_ppl_delta_interval(reference + gap, reference, counts)
+
+    point, (low, high) = interval(16)
+    assert low < point < high and low > 0  # a gap of 5 +- 3 nats per batch is clearly positive
+    _, (wide_low, wide_high) = interval(4)
+    _, (narrow_low, narrow_high) = interval(256)
+    assert narrow_high - narrow_low < (wide_high - wide_low) / 3
+
+
+def test_paired_interval_refuses_mismatched_batches_in_one_sentence():
+    with pytest.raises(UserError, match="one NLL sum per batch"):
+        paired_ppl_delta_interval(torch.ones(3), torch.ones(4), torch.ones(3))
+    with pytest.raises(UserError, match="one sum and one count per unit"):
+        paired_ppl_delta_interval(torch.ones(3), torch.ones(3), torch.ones(4))
+
+
+def test_ratio_interval_of_agreement_covers_the_pooled_rate_and_is_seeded():
+    agree = torch.tensor([30.0, 31.0, 25.0, 31.0, 28.0, 31.0, 29.0, 30.0])  # of 31 decode steps each
+    steps = torch.full((8,), 31.0)
+    low, high = ratio_interval(agree, steps)
+    assert low < float(agree.sum() / steps.sum()) < high <= 1.0
+    assert ratio_interval(agree, steps) == (low, high)

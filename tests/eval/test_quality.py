@@ -48,6 +48,9 @@ def test_full_is_the_reference_and_dropping_costs_quality(blocks):
     full, low, ample = rows[("full", None)], rows[("drop", 0.25)], rows[("drop", 100.0)]
     assert full["ppl_delta_pct"] == 0 and full["kl"] == pytest.approx(0, abs=1e-7) and full["agreement"] == 1
     assert full["positions"] == 8 * 31
+    assert full["ppl_delta_ci95"] == [0.0, 0.0]  # the reference against itself, batch by batch
+    low_ci = low["ppl_delta_ci95"]
+    assert low_ci[0] <= low["ppl_delta_pct"] <= low_ci[1] and low_ci[0] < low_ci[1]
     assert low["kl"] > 1e-3 and low["frac_dropped"] > 0.3 and low["agreement"] < 1
     assert low["bytes_per_token"] < full["bytes_per_token"]
     assert ample["kl"] == pytest.approx(0, abs=1e-6) and ample["frac_dropped"] == 0

@@ -112,6 +112,8 @@ def test_full_agrees_exactly_and_dropping_at_low_capacity_does_not(prompts):
     )
     assert low["bytes_per_token"] < full["bytes_per_token"]
     assert ample["agreement"] == 1.0 and ample["overflow_frac"] == 0.0
+    assert full["agreement_ci95"] == [1.0, 1.0]
+    assert low["agreement_ci95"][0] <= low["agreement"] <= low["agreement_ci95"][1]
     assert full["memory_expert_equiv"] == 0.0 and full["understudy_cost"] is None
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
 

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from moe_understudy.errors import UserError
-from moe_understudy.eval.metrics import kl_per_token, top1_agreement
+from moe_understudy.eval.metrics import kl_per_token, ratio_interval, top1_agreement
 
 PREFILL, DECODE = "prefill", "decode"
 PROMPT_SOURCES = ("heldout", "domain_shift")  # besides an instruction file
@@ -288,6 +288,8 @@ class Forced:
         self.agree = [0.0] * n
         self.kl = [0.0] * n
         self.count = [0] * n
+        self.seq_agree = [0.0] * len(reference.tokens)  # per sequence, for the interval over prompts
+        self.seq_count = [0] * len(reference.tokens)
 
     def __call__(self, phase: str, seqs: list[int], steps: list[int], logits: torch.Tensor) -> torch.Tensor:
         ref = self.reference
@@ -295,10 +297,12 @@ class Forced:
             target = torch.stack([ref.logits[s][j] for s, j in zip(seqs, steps, strict=True)])  # (B, V)
             got = logits.float().cpu()
             agree, kl = top1_agreement(target, got).tolist(), kl_per_token(target, got).tolist()
-            for j, a, k in zip(steps, agree, kl, strict=True):
+            for s, j, a, k in zip(seqs, steps, agree, kl, strict=True):
                 self.agree[j] += float(a)
                 self.kl[j] += k
                 self.count[j] += 1
+                self.seq_agree[s] += float(a)
+                self.seq_count[s] += 1
         return torch.tensor([ref.tokens[s][j] for s, j in zip(seqs, steps, strict=True)], dtype=torch.long)
 
     def summary(self) -> dict[str, Any]:
@@ -308,9 +312,16 @@ class Forced:
             raise UserError(
                 "No decode step was scored (every sequence ended at its first token); raise --new-tokens."
             )
+        scored_seqs = [i for i, c in enumerate(self.seq_count) if c]
+        per_seq = torch.tensor(
+            [[self.seq_agree[i] for i in scored_seqs], [self.seq_count[i] for i in scored_seqs]],
+            dtype=torch.float64,
+        )
         return {
             "positions": total,
             "agreement": sum(self.agree) / total,
+            # 95% bootstrap over prompts (the steps of one prompt are not independent of each other)
+            "agreement_ci95": list(ratio_interval(*per_seq)),
             "kl": sum(self.kl) / total,
             "agreement_by_position": [self.agree[j] / self.count[j] for j in scored],
             "kl_by_position": [self.kl[j] / self.count[j] for j in scored],

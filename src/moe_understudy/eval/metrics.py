@@ -7,6 +7,7 @@ Shapes: logits (N, V) over N predicted positions, targets (N,).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,3 +57,45 @@ def kl_per_token(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.
 def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """(N,) bool: both pick the same most likely next token."""
     return reference_logits.argmax(-1) == logits.argmax(-1)
+
+
+def ratio_interval(
+    numerators: torch.Tensor, denominators: torch.Tensor, level: float = 0.95, reps: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of sum(numerators) / sum(denominators), resampling the units
+    (batches, sequences) whose sums they are, with replacement; seeded, so a rerun gives the same."""
+    if numerators.shape != denominators.shape or numerators.dim() != 1 or numerators.numel() == 0:
+        from moe_understudy.errors import UserError
+
+        raise UserError(
+            f"An interval needs one sum and one count per unit (batch or sequence), got shapes "
+            f"{tuple(numerators.shape)} and {tuple(denominators.shape)}."
+        )
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randint(numerators.numel(), (reps, numerators.numel()), generator=generator)
+    ratio = numerators.double()[pick].sum(1) / denominators.double()[pick].sum(1)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(ratio, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return float(low), float(high)
+
+
+def paired_ppl_delta_interval(
+    nll: torch.Tensor, reference_nll: torch.Tensor, counts: torch.Tensor, **bootstrap: Any
+) -> tuple[float, float]:
+    """95% interval of the perplexity change in % (exp of the mean NLL gap, minus 1) of a system
+    against the reference scored on the same batches.
+
+    nll, reference_nll, counts (B,): each batch's summed NLL under the system and the reference, and
+    its predicted positions. Batches, not tokens, are resampled: capacity and so overflow are per
+    batch, and both systems are resampled together (paired), so what the interval shows is the
+    spread of the gap between held-out samples, not of either perplexity alone.
+    """
+    if nll.shape != reference_nll.shape:
+        from moe_understudy.errors import UserError
+
+        raise UserError(
+            f"A paired interval needs one NLL sum per batch from each system, got shapes "
+            f"{tuple(nll.shape)} and {tuple(reference_nll.shape)}."
+        )
+    low, high = ratio_interval(nll.double() - reference_nll.double(), counts, **bootstrap)
+    return 100.0 * math.expm1(low), 100.0 * math.expm1(high)

@@ -12,7 +12,7 @@ build the scenario, evaluate, write the report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,13 @@ from rich.console import Console
 from torch import nn
 
 from moe_understudy.config import EvalConfig
-from moe_understudy.eval.metrics import kl_per_token, next_token_view, token_nll, top1_agreement
+from moe_understudy.eval.metrics import (
+    kl_per_token,
+    next_token_view,
+    paired_ppl_delta_interval,
+    token_nll,
+    top1_agreement,
+)
 from moe_understudy.moe.adapters import find_moe_layers
 from moe_understudy.progress import stage_bar
 from moe_understudy.runtime.layer import patch
@@ -31,18 +37,29 @@ from moe_understudy.runtime.scenarios import batches, build_scenario
 
 @dataclass
 class _Sums:
-    """Running sums over predicted positions (exact means across batches of any size)."""
+    """Running sums over predicted positions (exact means across batches of any size), and each
+    batch's NLL sum and positions for the paired interval."""
 
     nll: float = 0.0
     kl: float = 0.0
     agree: float = 0.0
     count: int = 0
+    batch_nll: list[float] = field(default_factory=list)
+    batch_count: list[int] = field(default_factory=list)
 
     def add(self, reference: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.nll += float(token_nll(logits, targets).sum())
+        nll = float(token_nll(logits, targets).sum())
+        self.nll += nll
         self.kl += float(kl_per_token(reference, logits).sum())
         self.agree += float(top1_agreement(reference, logits).sum())
         self.count += targets.numel()
+        self.batch_nll.append(nll)
+        self.batch_count.append(targets.numel())
+
+    def ppl_delta_interval(self, reference: _Sums) -> tuple[float, float]:
+        """95% interval of the perplexity change in % against `reference`, over the same batches."""
+        per_batch = [self.batch_nll, reference.batch_nll, self.batch_count]
+        return paired_ppl_delta_interval(*torch.tensor(per_batch, dtype=torch.float64))
 
 
 def systems(
@@ -141,6 +158,8 @@ def _rows(runs, sums, recorders, priority, batch_size, num_devices, sizes) -> li
                 "positions": s.count,
                 "perplexity": ppl,
                 "ppl_delta_pct": 100.0 * (ppl / base - 1.0),
+                "ppl_delta_ci95": list(s.ppl_delta_interval(sums[runs[0]])),
+                "batch_nll": s.batch_nll,  # per batch, for paired comparisons between any two rows
                 "kl": s.kl / s.count,
                 "agreement": s.agree / s.count,
                 "frac_expert": load["frac_expert"],

@@ -106,6 +106,7 @@ _COLUMNS = [
     ("policy", "policy", "{}"),
     ("capacity_factor", "cf", "{:g}"),
     ("agreement", "top-1 agree (forced)", "{:.3f}"),
+    ("agreement_ci95", "95% interval", "{0[0]:.3f}..{0[1]:.3f}"),  # bootstrap over prompts
     ("kl", "KL/pos", "{:.4f}"),
     ("identical_frac", "identical seqs", "{:.3f}"),
     ("prefix_frac", "prefix frac", "{:.3f}"),
