@@ -88,6 +88,21 @@ def test_shadows_serve_single_assignments_like_their_experts(tiny_layer):
     torch.testing.assert_close(shadows(x, expert, torch.ones(6, 1)), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["grouped-gemm", "loop"])
+def test_grouped_linear_is_one_linear_per_group_empty_groups_included(dtype):
+    from moe_understudy.understudy.assignment import _grouped_mm_runs, expert_order, grouped_linear
+
+    g = torch.Generator().manual_seed(0)
+    experts = torch.tensor([2, 0, 2, 3, 0, 2, 3])  # expert 1 has no rows
+    order, ends = expert_order(experts, 4)
+    assert ends.tolist() == [2, 2, 5, 7] and experts[order].tolist() == [0, 0, 2, 2, 2, 3, 3]
+    x = torch.randn(7, 8, generator=g, dtype=dtype)[order]
+    weight = torch.randn(4, 4, 8, generator=g, dtype=dtype)
+    assert _grouped_mm_runs(x, weight) == (dtype == torch.float32)  # the path the id names
+    want = torch.stack([weight[e] @ row for e, row in zip(experts[order].tolist(), x, strict=True)])
+    torch.testing.assert_close(grouped_linear(x, weight, ends), want)
+
+
 def test_shadows_skip_the_index_equal_to_num_experts(tiny_layer):
     shadows = Shadows(H, E, K, width=4)
     x = torch.randn(3, H)

@@ -180,6 +180,28 @@ def _perturbed_adapters(trunk):
     return trunk
 
 
+@pytest.mark.parametrize("adapter_rank", [3, (0, 5, 1, 2)], ids=["uniform", "per-expert"])
+def test_adapters_add_each_served_pairs_own_low_rank_product(tiny_layer, routed_rows, adapter_rank):
+    trunk = _perturbed_adapters(
+        build_understudy("trunk", tiny_layer, seed=0, init="random", adapter_rank=adapter_rank)
+    )
+    rows = routed_rows(tiny_layer, n=8)
+    x, indices, weights = rows["x"], rows["indices"].clone(), rows["weights"]
+    indices[::3, 1] = E  # some slots not served
+    with torch.no_grad():
+        adapted = trunk(x, indices, weights)
+        b_stack = trunk.adapter_out.clone()
+        trunk.adapter_out.zero_()
+        plain = trunk(x, indices, weights)
+    start = trunk._adapter_start
+    want = torch.zeros_like(x)
+    for t, j in (indices < E).nonzero().tolist():
+        e = int(indices[t, j])
+        a, b = trunk.adapter_in[start[e] : start[e + 1]], b_stack[start[e] : start[e + 1]]
+        want[t] += weights[t, j] * ((a @ x[t]) @ b).detach()
+    torch.testing.assert_close(adapted - plain, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("adapter_rank", [0, 3, (0, 5, 1, 2)], ids=["none", "uniform", "per-expert"])
 def test_the_trunks_per_pair_outputs_equal_serving_each_assignment_alone(
     tiny_layer, routed_rows, adapter_rank

@@ -15,7 +15,49 @@ from torch import nn
 
 from moe_understudy.errors import UserError
 from moe_understudy.moe.standins import AssignmentStandIn
-from moe_understudy.understudy.functional import init_linear, swiglu
+from moe_understudy.understudy.functional import init_linear
+
+
+def _grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these operands: fp32/bf16/fp16 on CPU from torch 2.11, bf16
+    on CUDA from SM 8.0, each operand's address and every stride but the unit one 16-byte aligned."""
+    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.device.type == "cpu":
+        if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 11):
+            return False
+    elif not (
+        x.device.type == "cuda"
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    ):
+        return False
+    return all(
+        t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
+        for t in (x, weight)
+    )
+
+
+def expert_order(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, ends): the pairs sorted by expert (stable), and each expert's cumulative pair count
+    (E,) int32, the group boundaries `grouped_linear` takes."""
+    sorted_experts, order = experts.sort(stable=True)
+    ends = torch.bincount(sorted_experts, minlength=num_experts).cumsum(0).to(torch.int32)
+    return order, ends
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x (P, in) sorted by group, weight (G, out, in), ends (G,) -> (P, out): F.linear(x[rows of group g],
+    weight[g]) for every group g.
+
+    One grouped GEMM where torch has one (the kernel transformers runs the routed experts with by
+    default, so stand-in and experts are timed on the same kind of kernel), else a loop over the
+    groups (one host sync for the counts).
+    """
+    if _grouped_mm_runs(x, weight):
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    return torch.cat([F.linear(part, weight[g]) for g, part in enumerate(x.split(counts))])
 
 
 def by_expert(
@@ -59,17 +101,19 @@ class Shadows(AssignmentStandIn):
         init_linear(self.inp, hidden_size)
         init_linear(self.out, width, scale=0.1)
 
-    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Shadow of expert e on x (A, H) -> (A, H)."""
+    def _grouped(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """x (A, H), its rows sorted by expert with boundaries `ends` -> (A, H): each row's shadow."""
+        h = grouped_linear(x, self.inp, ends)
         if self.kind == "swiglu":
-            return swiglu(x, self.inp[e], self.out[e])
-        return F.linear(F.linear(x, self.inp[e]), self.out[e])
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return grouped_linear(h, self.out, ends)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """x (T, H), indices/weights (T, k) -> (T, H); an index equal to num_experts is skipped.
 
-        Each shadow runs on its expert's contiguous slice of the served pairs (`by_expert`), and one
-        scatter at the end sums them per token.
+        The served pairs are sorted by expert once and every shadow's products are one grouped GEMM
+        (`grouped_linear`); one scatter at the end sums them per token.
         """
         k = indices.shape[1]
         flat = indices.reshape(-1)
@@ -77,8 +121,9 @@ class Shadows(AssignmentStandIn):
         out = torch.zeros_like(x)
         if pairs.numel() == 0:
             return out
-        y, order = by_expert(x, pairs // k, flat.index_select(0, pairs), self.num_experts, self._expert)
+        order, ends = expert_order(flat.index_select(0, pairs), self.num_experts)
         pairs = pairs.index_select(0, order)
+        y = self._grouped(x.index_select(0, pairs // k), ends)
         return out.index_add_(
             0, pairs // k, y * weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None]
         )
@@ -171,14 +216,28 @@ class GatedTrunk(AssignmentStandIn):
         return self.width
 
     def _adapted(self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """x (N, H), rows/experts (P,) -> (P, H): B_e A_e x[row] for each pair, in pair order.
-
-        Each expert's two products run on its contiguous slice of the pairs (`by_expert`):
-        gathering an (r, H) matrix per pair for a batched product moved 14x more bytes and cost 5x
-        the time of the grouped form.
-        """
-        y, order = by_expert(x, rows, experts, self.num_experts, self._expert_adapter)
+        """x (N, H), rows/experts (P,) -> (P, H): B_e A_e x[row] for each pair, in pair order."""
+        y, order = self._adapted_by_expert(x, rows, experts)
         return torch.empty_like(y).index_copy_(0, order, y)
+
+    def _adapted_by_expert(
+        self, x: torch.Tensor, rows: torch.Tensor, experts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, order): y[i] = B_e A_e x[row] of pair order[i], the pairs sorted by expert.
+
+        With one rank for every expert the A_e and B_e are (E, r, H) and (E, H, r) views of the
+        stacks and both products are one grouped GEMM each (`grouped_linear`); with ranks per expert,
+        one pair of products per expert on its slice (`by_expert`). Gathering an (r, H) matrix per pair
+        for a batched product instead moved 14x more bytes and cost 5x the time of the grouped form.
+        """
+        if len(set(self.adapter_ranks)) > 1:
+            return by_expert(x, rows, experts, self.num_experts, self._expert_adapter)
+        order, ends = expert_order(experts, self.num_experts)
+        E, r, H = self.num_experts, self.adapter_rank, self.hidden_size
+        low = grouped_linear(
+            x.index_select(0, rows.index_select(0, order)), self.adapter_in.view(E, r, H), ends
+        )
+        return grouped_linear(low, self.adapter_out.view(E, r, H).transpose(1, 2), ends), order
 
     def _expert_adapter(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """x (n, H) -> (n, H): B_e A_e x (zeros for an expert of rank 0)."""
@@ -232,7 +291,7 @@ class GatedTrunk(AssignmentStandIn):
                 hidden = self._shifted_hidden(gu, row_of_pair, experts, weight, one_per_row)
                 served = F.linear(hidden, self.down)
             if self.adapter_rank:
-                y, order = by_expert(x, tokens, experts, E, self._expert_adapter)  # y in expert order
+                y, order = self._adapted_by_expert(x, tokens, experts)  # y in expert order
                 served.index_add_(
                     0, row_of_pair.index_select(0, order), y.mul_(weight.index_select(0, order))
                 )
