@@ -19,6 +19,7 @@ is a row (`--priorities score,position`).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
 
+from moe_understudy.eval.metrics import paired_ppl_delta_interval  # noqa: E402
 from moe_understudy.eval.quality import evaluate_policies  # noqa: E402
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
 from moe_understudy.moe.standins import ASSIGNMENT, level_of  # noqa: E402
@@ -197,6 +199,34 @@ def r_is_baseline(r: dict) -> bool:
     return r["set"] is None
 
 
+def paired_gap(row: dict, other: dict) -> dict:
+    """row's perplexity over other's, in %, with its paired 95% interval over the shared batches."""
+    per_batch = [row["batch_nll"], other["batch_nll"], row["batch_positions"]]
+    mine, theirs, positions = torch.tensor(per_batch, dtype=torch.float64)
+    point = 100.0 * math.expm1(float((mine - theirs).sum() / positions.sum()))
+    return {"pct": point, "ci95": list(paired_ppl_delta_interval(mine, theirs, positions))}
+
+
+def paired_gaps(rows: list[dict], capacities: list[float]) -> dict:
+    """Score priority, per stand-in row: its perplexity against token drop's and against the lead
+    set's (the first --standins) at the same cf, each with a paired interval over the same batches
+    (one run, the same batches: a far tighter test than two rows' own intervals side by side)."""
+    score = [r for r in rows if r["priority"] == "score" and r["policy"] != "full"]
+    at = {(label(r), r["capacity_factor"]): r for r in score}
+    lead_set = next((r["set"] for r in score if r["set"]), None)
+    out: dict = {}
+    for r in score:
+        if r["set"] is None:
+            continue
+        cf, key = r["capacity_factor"], label(r)
+        gaps = {"vs drop": paired_gap(r, at[("drop", cf)])}
+        lead = at.get((f"{r['policy']} [{lead_set}]", cf))
+        if lead is not None and lead is not r:
+            gaps[f"vs {label(lead)}"] = paired_gap(r, lead)
+        out.setdefault(key, {})[f"{cf:g}"] = gaps
+    return out
+
+
 def check_targets(rows: list[dict], capacities: list[float]) -> dict:
     """Issue targets for assignment-level sets at memory <= 1 (score priority): below drop and
     expanded_drop at every cf; <= +1% at cf 1.0; <= +0.1% at cf 2.0."""
@@ -312,6 +342,7 @@ def main() -> None:
             "and tokens), summed over MoE layers, fp32 hidden.",
             "scenario_note": SCENARIO_NOTES[args.scenario],
             "targets": targets,
+            "paired_gaps": paired_gaps(rows, capacities),
             "plot": str(png),
             "rows": rows,
         },

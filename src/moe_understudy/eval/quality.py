@@ -159,7 +159,9 @@ def _rows(runs, sums, recorders, priority, batch_size, num_devices, sizes) -> li
                 "perplexity": ppl,
                 "ppl_delta_pct": 100.0 * (ppl / base - 1.0),
                 "ppl_delta_ci95": list(s.ppl_delta_interval(sums[runs[0]])),
-                "batch_nll": s.batch_nll,  # per batch, for paired comparisons between any two rows
+                # per batch, for paired comparisons between any two rows of one run
+                "batch_nll": s.batch_nll,
+                "batch_positions": s.batch_count,
                 "kl": s.kl / s.count,
                 "agreement": s.agree / s.count,
                 "frac_expert": load["frac_expert"],
