@@ -162,8 +162,11 @@ def verdict(point: float, interval: list[float], target: float) -> str:
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=False)
-    for ax, priority in zip(axes, ("score", "position"), strict=True):
+    priorities = [p for p in ("score", "position") if any(r["priority"] == p for r in rows)]
+    fig, axes = plt.subplots(
+        1, len(priorities), figsize=(10 if len(priorities) == 1 else 13, 5), squeeze=False
+    )
+    for ax, priority in zip(axes[0], priorities, strict=True):
         series: dict[str, list[dict]] = {}
         for r in rows:
             if r["priority"] == priority and r["policy"] != "full":
@@ -190,8 +193,9 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
         ax.set_ylabel("perplexity change vs full (%)")
         ax.set_title(f"{priority} priority")
         if series:
-            ax.legend(fontsize=7)
-    fig.suptitle(title)
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
