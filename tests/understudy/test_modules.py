@@ -88,8 +88,12 @@ def test_shadows_serve_single_assignments_like_their_experts(tiny_layer):
     torch.testing.assert_close(shadows(x, expert, torch.ones(6, 1)), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["grouped-gemm", "loop"])
-def test_grouped_linear_is_one_linear_per_group_empty_groups_included(dtype):
+@pytest.mark.parametrize(
+    "dtype, out_features, grouped",
+    [(torch.float32, 4, True), (torch.float64, 4, False), (torch.float32, 2, False)],
+    ids=["grouped-gemm", "loop-float64", "loop-unaligned"],
+)
+def test_grouped_linear_is_one_linear_per_group_empty_groups_included(dtype, out_features, grouped):
     from moe_understudy.understudy.assignment import _grouped_mm_runs, expert_order, grouped_linear
 
     g = torch.Generator().manual_seed(0)
@@ -97,10 +101,20 @@ def test_grouped_linear_is_one_linear_per_group_empty_groups_included(dtype):
     order, ends = expert_order(experts, 4)
     assert ends.tolist() == [2, 2, 5, 7] and experts[order].tolist() == [0, 0, 2, 2, 2, 3, 3]
     x = torch.randn(7, 8, generator=g, dtype=dtype)[order]
-    weight = torch.randn(4, 4, 8, generator=g, dtype=dtype)
-    assert _grouped_mm_runs(x, weight) == (dtype == torch.float32)  # the path the id names
+    weight = torch.randn(4, out_features, 8, generator=g, dtype=dtype)
+    assert _grouped_mm_runs(x, weight) == grouped  # the path the id names
     want = torch.stack([weight[e] @ row for e, row in zip(experts[order].tolist(), x, strict=True)])
     torch.testing.assert_close(grouped_linear(x, weight, ends), want)
+
+
+def test_shadows_one_unit_wide_serve_through_the_loop_and_train(tiny_layer):
+    # width 1 (all 64 shadows of the fine teacher weigh one expert) is below the grouped kernel's
+    # 16-byte unit: the per-group loop serves it, forward and backward
+    shadows = Shadows(H, E, K, width=1)
+    x, expert = torch.randn(6, H), torch.tensor([0, 1, 2, 3, 0, 2])[:, None]
+    y = shadows(x, expert, torch.ones(6, 1))
+    y.square().sum().backward()
+    assert y.shape == (6, H) and shadows.inp.grad.abs().sum() > 0
 
 
 def test_shadows_skip_the_index_equal_to_num_experts(tiny_layer):

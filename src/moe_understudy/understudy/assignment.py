@@ -20,7 +20,8 @@ from moe_understudy.understudy.functional import init_linear
 
 def _grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM takes these operands: fp32/bf16/fp16 on CPU from torch 2.11, bf16
-    on CUDA from SM 8.0, each operand's address and every stride but the unit one 16-byte aligned."""
+    on CUDA from SM 8.0; both feature sizes and every stride in whole 16-byte units and both
+    addresses 16-byte aligned (the kernel refuses anything else: shadows of width 1, say)."""
     if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     if x.device.type == "cpu":
@@ -32,9 +33,15 @@ def _grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and torch.cuda.get_device_capability(x.device) >= (8, 0)
     ):
         return False
-    return all(
-        t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
-        for t in (x, weight)
+    unit = 16 // x.element_size()  # elements per 16 bytes
+    out_features, in_features = weight.shape[1], weight.shape[2]
+    strides = [s for s in (*x.stride(), *weight.stride()) if s != 1]
+    return (
+        out_features % unit == 0
+        and in_features % unit == 0
+        and all(s % unit == 0 for s in strides)
+        and x.data_ptr() % 16 == 0
+        and weight.data_ptr() % 16 == 0
     )
 
 
