@@ -52,9 +52,9 @@ def print_table(
     rows: list[dict[str, Any]], console: Console | None = None, title: str = "quality under load"
 ) -> None:
     console = console or Console()
-    # A piped console is 80 wide and would squeeze thirteen columns into ellipses.
+    # A piped console is 80 wide and would squeeze fifteen columns into ellipses.
     width = console.width
-    console.width = max(width, 170)
+    console.width = max(width, 200)
     try:
         console.print(rows_table(rows, title))
     finally:
