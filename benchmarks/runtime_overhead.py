@@ -58,6 +58,12 @@ def parse_args():
         default=24,
         help="part 3 also times the trunk with per-expert adapters of this rank (0: not)",
     )
+    p.add_argument(
+        "--trunk-width",
+        type=int,
+        default=None,
+        help="time the trunks at this width (default: the widest within half an expert per lone assignment)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=NAME)
     return p.parse_args()
@@ -165,7 +171,9 @@ def layer_parts(model, blocks, reps: int, intermediates: list[int]) -> list[dict
 
 
 @torch.no_grad()
-def assignment_parts(model, blocks, reps: int, shadow_width: int, adapter_rank: int = 0) -> list[dict]:
+def assignment_parts(
+    model, blocks, reps: int, shadow_width: int, adapter_rank: int = 0, trunk_width: int | None = None
+) -> list[dict]:
     """Per layer: the assignment-level stand-in path per served assignment vs the experts per assignment."""
     layers = find_moe_layers(model)
     inputs: dict[int, torch.Tensor] = {}
@@ -185,16 +193,19 @@ def assignment_parts(model, blocks, reps: int, shadow_width: int, adapter_rank: 
         T, k = r.indices.shape
         plan = plan_routing(r, "shadow", expert_capacity(T, k, moe.num_experts, 1.0), "score")
         served = int(plan.shadow_served.sum())
+        width = {} if trunk_width is None else {"width": trunk_width}
         stand_ins = {
-            "trunk": build_understudy("trunk", moe, seed=0, init="random").eval(),
-            "trunk no-FiLM": build_understudy("trunk", moe, seed=0, init="random", film=False).eval(),
+            "trunk": build_understudy("trunk", moe, seed=0, init="random", **width).eval(),
+            "trunk no-FiLM": build_understudy(
+                "trunk", moe, seed=0, init="random", **width, film=False
+            ).eval(),
             **(
                 {
                     f"trunk a{adapter_rank}": build_understudy(
-                        "trunk", moe, seed=0, init="random", adapter_rank=adapter_rank
+                        "trunk", moe, seed=0, init="random", **width, adapter_rank=adapter_rank
                     ).eval(),
                     f"trunk a{adapter_rank} no-FiLM": build_understudy(
-                        "trunk", moe, seed=0, init="random", adapter_rank=adapter_rank, film=False
+                        "trunk", moe, seed=0, init="random", **width, adapter_rank=adapter_rank, film=False
                     ).eval(),
                 }
                 if adapter_rank
@@ -276,7 +287,9 @@ def main() -> None:
             f"{r['time_ratio']:.3f}",
         )
     console.print(t2)
-    assigned = assignment_parts(model, blocks, args.reps, args.shadow_width, args.adapter_rank)
+    assigned = assignment_parts(
+        model, blocks, args.reps, args.shadow_width, args.adapter_rank, args.trunk_width
+    )
     t3 = Table(
         title="per MoE layer and served assignment: assignment-level stand-in vs routed experts (cf 1.0, score)"
     )
