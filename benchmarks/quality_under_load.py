@@ -231,6 +231,10 @@ def paired_gaps(rows: list[dict], capacities: list[float]) -> dict:
     return out
 
 
+# (cf, Δppl target in %, key of its verdict): the issue's two perplexity targets
+PPL_TARGETS = ((1.0, 1.0, "cf1_within_1pct"), (2.0, 0.1, "cf2_within_0.1pct"))
+
+
 def check_targets(rows: list[dict], capacities: list[float]) -> dict:
     """Issue targets for assignment-level sets at memory <= 1 (score priority): below drop and
     expanded_drop at every cf; <= +1% at cf 1.0; <= +0.1% at cf 2.0."""
@@ -261,22 +265,19 @@ def check_targets(rows: list[dict], capacities: list[float]) -> dict:
             memory = max(r["memory_expert_equiv"] for r in rows if r["set"] == set_name)
             below = all(mine[cf] < min(delta("drop", cf), delta("expanded_drop", cf)) for cf in capacities)
             res = {"memory_expert_equiv": memory, "below_drop_and_expanded_drop_everywhere": below}
-            for cf, target, key in ((1.0, 1.0, "cf1_within_1pct"), (2.0, 0.1, "cf2_within_0.1pct")):
+            readings = []
+            for cf, target, key in PPL_TARGETS:
                 mine_row = row(policy, cf, set_name)
                 if mine_row is None:
                     continue
                 res[f"cf{cf:g}_delta_pct"] = mine_row["ppl_delta_pct"]
                 res[f"cf{cf:g}_delta_ci95"] = mine_row["ppl_delta_ci95"]
                 res[key] = verdict(mine_row["ppl_delta_pct"], mine_row["ppl_delta_ci95"], target)
+                readings.append(f"cf {cf:g} {with_interval(mine_row)} (<= +{target:g}%: {res[key]})")
             out["sets"][f"{policy} [{set_name}]"] = res
             out["summary"].append(
                 f"{policy} [{set_name}] (memory {memory:.2f}): below drop and expanded_drop at every cf: "
-                f"{'yes' if below else 'no'}; "
-                + "; ".join(
-                    f"cf {cf:g} {with_interval(row(policy, cf, set_name))} (<= +{target:g}%: {res[key]})"
-                    for cf, target, key in ((1.0, 1.0, "cf1_within_1pct"), (2.0, 0.1, "cf2_within_0.1pct"))
-                    if key in res
-                )
+                f"{'yes' if below else 'no'}; " + "; ".join(readings)
             )
     return out
 

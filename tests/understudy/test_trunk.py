@@ -182,9 +182,7 @@ def _perturbed_adapters(trunk):
 
 @pytest.mark.parametrize("adapter_rank", [3, (0, 5, 1, 2)], ids=["uniform", "per-expert"])
 def test_adapters_add_each_served_pairs_own_low_rank_product(tiny_layer, routed_rows, adapter_rank):
-    trunk = _perturbed_adapters(
-        build_understudy("trunk", tiny_layer, seed=0, init="random", adapter_rank=adapter_rank)
-    )
+    trunk = _conditioned_trunk(tiny_layer, True, adapter_rank)
     rows = routed_rows(tiny_layer, n=8)
     x, indices, weights = rows["x"], rows["indices"].clone(), rows["weights"]
     indices[::3, 1] = E  # some slots not served

@@ -57,8 +57,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
     """
     if _grouped_mm_runs(x, weight):
         return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
-    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
-    return torch.cat([F.linear(part, weight[g]) for g, part in enumerate(x.split(counts))])
+    return torch.cat([F.linear(part, weight[g]) for g, part in enumerate(x.split(_group_sizes(ends)))])
+
+
+def _group_sizes(ends: torch.Tensor) -> list[int]:
+    """Each group's row count from the cumulative `ends` (one host sync)."""
+    return torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
 
 
 def by_expert(
@@ -70,9 +74,8 @@ def by_expert(
     outputs sorted by expert, y[i] belonging to pair order[i]. The pairs are sorted once and x is
     gathered once (one host sync for the counts), as grouped-GEMM MoE kernels do.
     """
-    experts, order = experts.sort(stable=True)
-    counts = torch.bincount(experts, minlength=num_experts).tolist()
-    slices = x.index_select(0, rows.index_select(0, order)).split(counts)
+    order, ends = expert_order(experts, num_experts)
+    slices = x.index_select(0, rows.index_select(0, order)).split(_group_sizes(ends))
     return torch.cat([fn(part, e) for e, part in enumerate(slices) if len(part)]), order
 
 
@@ -124,10 +127,9 @@ class Shadows(AssignmentStandIn):
             return out
         order, ends = expert_order(flat.index_select(0, pairs), self.num_experts)
         pairs = pairs.index_select(0, order)
-        y = self._grouped(x.index_select(0, pairs // k), ends)
-        return out.index_add_(
-            0, pairs // k, y * weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None]
-        )
+        tokens = pairs // k
+        y = self._grouped(x.index_select(0, tokens), ends)
+        return out.index_add_(0, tokens, y * weights.reshape(-1).index_select(0, pairs).to(x.dtype)[:, None])
 
     def flops_per_assignment(self) -> int:
         per = 3 if self.kind == "swiglu" else 2
