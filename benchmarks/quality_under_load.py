@@ -19,7 +19,6 @@ is a row (`--priorities score,position`).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, write_result  # noqa: E402
 
-from moe_understudy.eval.metrics import paired_ppl_delta_interval  # noqa: E402
+from moe_understudy.eval.metrics import paired_ppl_delta, paired_ppl_delta_interval  # noqa: E402
 from moe_understudy.eval.quality import evaluate_policies  # noqa: E402
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
 from moe_understudy.moe.standins import ASSIGNMENT, level_of  # noqa: E402
@@ -207,8 +206,10 @@ def paired_gap(row: dict, other: dict) -> dict:
     """row's perplexity over other's, in %, with its paired 95% interval over the shared batches."""
     per_batch = [row["batch_nll"], other["batch_nll"], row["batch_positions"]]
     mine, theirs, positions = torch.tensor(per_batch, dtype=torch.float64)
-    point = 100.0 * math.expm1(float((mine - theirs).sum() / positions.sum()))
-    return {"pct": point, "ci95": list(paired_ppl_delta_interval(mine, theirs, positions))}
+    return {
+        "pct": paired_ppl_delta(mine, theirs, positions),
+        "ci95": list(paired_ppl_delta_interval(mine, theirs, positions)),
+    }
 
 
 def paired_gaps(rows: list[dict], capacities: list[float]) -> dict:

@@ -11,6 +11,7 @@ from moe_understudy.errors import UserError
 from moe_understudy.eval.metrics import (
     kl_per_token,
     next_token_view,
+    paired_ppl_delta,
     paired_ppl_delta_interval,
     perplexity,
     ratio_interval,
@@ -83,6 +84,13 @@ def test_paired_interval_is_a_point_when_every_batch_has_the_same_gap():
     assert low == pytest.approx(100 * math.expm1(0.01)) and high == pytest.approx(low)
 
 
+def test_paired_delta_is_the_pooled_nll_gap_per_position_not_the_mean_of_batch_ratios():
+    reference = torch.tensor([100.0, 300.0], dtype=torch.float64)
+    counts = torch.tensor([100.0, 300.0], dtype=torch.float64)
+    nll = reference + torch.tensor([4.0, 0.0], dtype=torch.float64)  # 0.04 nats/token in the small batch only
+    assert paired_ppl_delta(nll, reference, counts) == pytest.approx(100 * math.expm1(4.0 / 400.0))
+
+
 def test_paired_interval_holds_the_point_estimate_and_narrows_with_more_batches():
     gen = torch.Generator().manual_seed(1)
 
@@ -90,8 +98,9 @@ def test_paired_interval_holds_the_point_estimate_and_narrows_with_more_batches(
         reference = 1000.0 + 50 * torch.randn(batches, generator=gen, dtype=torch.float64)
         gap = 5.0 + 3.0 * torch.randn(batches, generator=gen, dtype=torch.float64)  # noisy, mean > 0
         counts = torch.full((batches,), 1000.0, dtype=torch.float64)
-        point = 100 * math.expm1(float(gap.sum() / counts.sum()))
-        return point, paired_ppl_delta_interval(reference + gap, reference, counts)
+        return paired_ppl_delta(reference + gap, reference, counts), paired_ppl_delta_interval(
+            reference + gap, reference, counts
+        )
 
     point, (low, high) = interval(16)
     assert low < point < high and low > 0  # a gap of 5 +- 3 nats per batch is clearly positive
