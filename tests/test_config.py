@@ -27,3 +27,12 @@ def test_unknown_yaml_field_is_named():
 def test_data_config_validates_its_fields(bad):
     with pytest.raises(ValueError):
         DataConfig(**bad)
+
+
+def test_distill_config_refuses_a_pair_weight_power_that_is_not_positive_and_round_trips_one_that_is():
+    from moe_understudy.config import DistillConfig
+
+    with pytest.raises(ValueError, match="pair_weight_power"):
+        DistillConfig(arch="trunk", pair_weight_power=0.0)
+    cfg = DistillConfig(arch="trunk", pair_weight_power=2.0)
+    assert DistillConfig.from_yaml(cfg.to_yaml()) == cfg

@@ -432,6 +432,9 @@ class DistillConfig(StageConfig):
     # capacity factors (over batches of `focus_batch_rows` captured rows); () weighs them by combine weight only
     focus_cfs: tuple[float, ...] = ()
     focus_batch_rows: int = 1024  # the serving batch the focus plans over (8 blocks x 128 tokens)
+    # assignment objective: a pair's error counts with its combine weight to this power (2: its share
+    # of the layer's output error when served)
+    pair_weight_power: float = 1.0
     loss: str = "mse"  # layer-wise loss: mse | cosine | relative
     steps: int = 1500  # layer-wise optimiser steps per layer (upper bound; early stop may end sooner)
     batch_tokens: int = 1024  # captured rows per step
@@ -459,6 +462,8 @@ class DistillConfig(StageConfig):
             raise ValueError(
                 f"extra_experts and adapter_rank must be >= 0, got {self.extra_experts} and {self.adapter_rank}."
             )
+        if not self.pair_weight_power > 0:
+            raise ValueError(f"pair_weight_power must be > 0, got {self.pair_weight_power}.")
         if self.adapter_allocation not in ("uniform", "overflow"):
             raise ValueError(
                 f"adapter_allocation must be uniform or overflow, got {self.adapter_allocation!r}."

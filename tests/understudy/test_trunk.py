@@ -287,6 +287,21 @@ def test_the_serving_focus_weighs_routed_pairs_by_how_often_they_overflow(tiny_l
     torch.testing.assert_close(w, plain * (0.1 + 0.9 * freq))
 
 
+def test_weight_power_two_weighs_each_pair_by_its_squared_weight_before_the_focus(tiny_layer, routed_rows):
+    rows = routed_rows(tiny_layer, n=256)
+    plain = rows["weights"].float()
+    squared = AssignmentObjective(tiny_layer, extra=0, serving=(0.5, 1.0), batch_rows=64, weight_power=2.0)
+    _, w = squared._pairs(rows, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(w, plain.pow(2) * (0.1 + 0.9 * squared.overflow_frequency(rows)))
+    _, held_out = squared._pairs(rows, None)  # held-out rows: the same power, no focus
+    torch.testing.assert_close(held_out, plain.pow(2))
+    with_extra = AssignmentObjective(tiny_layer, extra=2, weight_power=2.0)
+    _, w_extra = with_extra._pairs(rows, torch.Generator().manual_seed(0))
+    _, w_linear = AssignmentObjective(tiny_layer, extra=2)._pairs(rows, torch.Generator().manual_seed(0))
+    k = rows["indices"].shape[1]  # the extra experts' weights: (probability x norm)^2 x extra_weight
+    torch.testing.assert_close(w_extra[:, k:], (w_linear[:, k:] / 0.5).pow(2) * 0.5)
+
+
 def test_under_the_shadow_policy_the_trunk_serves_single_assignments_never_whole_tokens(
     tiny_layer, routed_rows
 ):

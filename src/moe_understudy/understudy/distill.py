@@ -92,7 +92,11 @@ def layer_objective(cfg: DistillConfig, layer: MoELayer):
     """What a layer's stand-in is fitted to: per-assignment expert targets (assignment level), else y."""
     if cfg.arch in ASSIGNMENT_ARCHS and cfg.objective == "auto":
         return AssignmentObjective(
-            layer, extra=cfg.extra_experts, serving=cfg.focus_cfs, batch_rows=cfg.focus_batch_rows
+            layer,
+            extra=cfg.extra_experts,
+            serving=cfg.focus_cfs,
+            batch_rows=cfg.focus_batch_rows,
+            weight_power=cfg.pair_weight_power,
         )
     return CombinedObjective(cfg.loss)
 

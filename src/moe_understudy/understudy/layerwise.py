@@ -97,9 +97,12 @@ class AssignmentObjective:
     capacity factors, `floor` + (1 - floor) x how often the assignment overflows under score priority
     at those factors, so the fit goes where serving hands the stand-in work), and `extra` experts
     drawn once (seeded) without replacement from its router probabilities outside the top-k,
-    weighted by their probability in the family's normalisation times `extra_weight`. The experts' outputs for
-    every pair are computed once (`prepare`), so a step costs only the stand-in. Held-out rows get
-    the routed pairs only.
+    weighted by their probability in the family's normalisation times `extra_weight`. `weight_power`
+    raises every pair's combine weight (or probability) to that power before the focus multiplies in:
+    1 weighs a pair's error by its weight, 2 by its weight squared, which is how much the pair's error
+    adds to the layer's output error when it is served. The experts' outputs for every pair are
+    computed once (`prepare`), so a step costs only the stand-in. Held-out rows get the routed pairs
+    only, weighed with the same power.
     """
 
     def __init__(
@@ -110,9 +113,11 @@ class AssignmentObjective:
         serving: tuple[float, ...] = (),
         batch_rows: int = 1024,
         floor: float = 0.1,
+        weight_power: float = 1.0,
     ) -> None:
         self.layer, self.extra, self.extra_weight = layer, extra, extra_weight
         self.serving, self.batch_rows, self.floor = serving, batch_rows, floor
+        self.weight_power = weight_power
 
     def overflow_frequency(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, k) how often each routed assignment overflows at serving: score-priority capacity over
@@ -136,19 +141,22 @@ class AssignmentObjective:
     def _pairs(self, rows, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices (N, n), weights (N, n)) of the pairs to fit."""
         idx, w = rows["indices"], rows["weights"].float()
+        power = self.weight_power
         if self.serving and generator is not None:  # focus the fit where serving hands the stand-in work
-            w = w * (self.floor + (1.0 - self.floor) * self.overflow_frequency(rows))
+            w_fit = w.pow(power) * (self.floor + (1.0 - self.floor) * self.overflow_frequency(rows))
+        else:
+            w_fit = w.pow(power)
         extra = min(self.extra, self.layer.num_experts - idx.shape[1])
         if generator is None or extra <= 0:
-            return idx, w
+            return idx, w_fit
         logits = rows["logits"].float()
         probs = torch.sigmoid(logits) if self.layer.family == "deepseek_v3" else torch.softmax(logits, -1)
         probs = probs / probs.sum(-1, keepdim=True)
         norm = w.sum(-1, keepdim=True) / probs.gather(1, idx).sum(-1, keepdim=True).clamp_min(1e-20)
         outside = probs.scatter(1, idx, 0.0).clamp_min(1e-12)
         more = torch.multinomial(outside, extra, replacement=False, generator=generator)  # (N, extra)
-        more_w = probs.gather(1, more) * norm * self.extra_weight
-        return torch.cat([idx, more], 1), torch.cat([w, more_w], 1)
+        more_w = (probs.gather(1, more) * norm).pow(power) * self.extra_weight
+        return torch.cat([idx, more], 1), torch.cat([w_fit, more_w], 1)
 
     @torch.no_grad()
     def prepare(self, rows: dict[str, torch.Tensor], generator: torch.Generator | None, chunk: int = 4096):
