@@ -142,10 +142,9 @@ class AssignmentObjective:
         """(indices (N, n), weights (N, n)) of the pairs to fit."""
         idx, w = rows["indices"], rows["weights"].float()
         power = self.weight_power
+        w_fit = w.pow(power)
         if self.serving and generator is not None:  # focus the fit where serving hands the stand-in work
-            w_fit = w.pow(power) * (self.floor + (1.0 - self.floor) * self.overflow_frequency(rows))
-        else:
-            w_fit = w.pow(power)
+            w_fit = w_fit * (self.floor + (1.0 - self.floor) * self.overflow_frequency(rows))
         extra = min(self.extra, self.layer.num_experts - idx.shape[1])
         if generator is None or extra <= 0:
             return idx, w_fit
