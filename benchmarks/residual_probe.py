@@ -44,6 +44,7 @@ from moe_understudy.capture import CaptureStore  # noqa: E402
 from moe_understudy.moe.adapters import find_moe_layers  # noqa: E402
 from moe_understudy.moe.loading import load_model_and_tokenizer  # noqa: E402
 from moe_understudy.understudy.io import load_understudies  # noqa: E402
+from moe_understudy.understudy.layerwise import AssignmentObjective  # noqa: E402
 
 NAME = "residual_probe"
 
@@ -64,37 +65,38 @@ def parse_args():
 
 
 @torch.no_grad()
-def pair_terms(layer, standin, rows: dict[str, torch.Tensor], chunk: int = 4096) -> dict[str, torch.Tensor]:
+def pair_terms(layer, standin, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """x, f_miss, s_miss, f_kept (N, H) and the missing expert (N,) of each row: the lowest-weight
     routed pair is the missing one, the rest are kept and combined with their routing weights."""
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("x", "f_miss", "s_miss", "f_kept", "expert")}
-    for s in range(0, rows["x"].shape[0], chunk):
-        x = rows["x"][s : s + chunk].float()
-        idx, w = rows["indices"][s : s + chunk], rows["weights"][s : s + chunk].float()
-        n, k = idx.shape
-        per_pair = layer.experts(x.repeat_interleave(k, 0), idx.reshape(-1, 1), torch.ones(n * k, 1))
-        per_pair = per_pair.view(n, k, -1)
-        miss = w.argmin(dim=1)  # (n,)
-        kept = torch.ones_like(w, dtype=torch.bool).scatter_(1, miss[:, None], False)
-        missing_expert = idx.gather(1, miss[:, None])  # (n, 1)
-        out["x"].append(x)
-        out["f_miss"].append(per_pair[torch.arange(n), miss])
-        out["s_miss"].append(standin.pair_outputs(x, missing_expert)[:, 0].float())
-        out["f_kept"].append((per_pair * (w * kept)[..., None]).sum(1))
-        out["expert"].append(missing_expert[:, 0])
-    return {k: torch.cat(v) for k, v in out.items()}
+    # the distiller's own per-pair targets: every routed expert's output for its token, unweighted
+    per_pair = AssignmentObjective(layer, extra=0).prepare(rows, None)["pair_targets"]  # (N, k, H)
+    x, idx, w = rows["x"].float(), rows["indices"], rows["weights"].float()
+    miss = w.argmin(dim=1)  # (N,)
+    kept = torch.ones_like(w, dtype=torch.bool).scatter_(1, miss[:, None], False)
+    missing_expert = idx.gather(1, miss[:, None])  # (N, 1)
+    return {
+        "x": x,
+        "f_miss": per_pair[torch.arange(x.shape[0]), miss],
+        "s_miss": standin.pair_outputs(x, missing_expert)[:, 0].float(),
+        "f_kept": (per_pair * (w * kept)[..., None]).sum(1),
+        "expert": missing_expert[:, 0],
+    }
+
+
+def with_bias(features: torch.Tensor) -> torch.Tensor:
+    return torch.cat([features, torch.ones(features.shape[0], 1, dtype=features.dtype)], 1).double()
 
 
 def ridge(features: torch.Tensor, target: torch.Tensor, strength: float) -> torch.Tensor:
     """(F+1, H) least-squares map with a bias column, ridge scaled by the mean feature power."""
-    a = torch.cat([features, torch.ones(features.shape[0], 1, dtype=features.dtype)], 1).double()
+    a = with_bias(features)
     gram = a.T @ a
     lam = strength * gram.diagonal().mean()
     return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), a.T @ target.double())
 
 
 def apply(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    return torch.cat([features, torch.ones(features.shape[0], 1)], 1).double() @ weights
+    return with_bias(features) @ weights
 
 
 def relative_error(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -116,12 +118,13 @@ def probe_layer(train: dict, val: dict, strength: float) -> tuple[dict[str, floa
         out[f"trunk + {name}"] = relative_error(val["s_miss"] + apply(w, f(val)), target)
     # one [x, kept] map per missing expert: the information bound, far over the memory cap
     pred, covered = val["s_miss"].double().clone(), 0
+    both_train, both_val = feats["x+kept"](train), feats["x+kept"](val)
     for e in val["expert"].unique():
         t, v = train["expert"] == e, val["expert"] == e
-        if int(t.sum()) < 4 * (2 * train["x"].shape[1] + 1):
+        if int(t.sum()) < 4 * (both_train.shape[1] + 1):
             continue  # too few rows to fit a 2H-feature map: leave the trunk's prediction
-        w = ridge(feats["x+kept"](train)[t], resid[t], strength)
-        pred[v] += apply(w, feats["x+kept"](val)[v])
+        w = ridge(both_train[t], resid[t], strength)
+        pred[v] += apply(w, both_val[v])
         covered += int(v.sum())
     out["trunk + x+kept per expert"] = relative_error(pred, target)
     return out, covered / val["x"].shape[0]
