@@ -115,3 +115,19 @@ def test_distill_shares_trunk_adapter_ranks_out_by_where_the_store_overflows(sav
             minlength=layer.num_experts,
         )
         assert ranks[int(mass.argmax())] == max(ranks) and ranks[int(mass.argmin())] == min(ranks)
+
+
+def test_distill_seed_reseeds_the_end_to_end_draws_too(saved_model, tmp_path):
+    from moe_understudy.config import DistillConfig
+
+    root = saved_model
+    data = ["--data", root / "corpus.txt", "--block-size", "32"]
+    store = tmp_path / "store"
+    run("capture", root / "model", "--out", store, "--tokens", "256", "--val-tokens", "64", *data)
+    args = ["distill", root / "model", "--store", store, "--steps", "2", "--eval-every", "1", *data]
+    seeded = run(*args, "--out", tmp_path / "seeded", "--seed", "3")
+    default = run(*args, "--out", tmp_path / "default")
+    assert seeded.exit_code == 0 and default.exit_code == 0, seeded.output + default.output
+    seeded_cfg = DistillConfig.from_yaml(tmp_path / "seeded" / "distill.yaml")
+    assert (seeded_cfg.seed, seeded_cfg.e2e.seed) == (3, 3)
+    assert DistillConfig.from_yaml(tmp_path / "default" / "distill.yaml").e2e.seed == 0
