@@ -10,6 +10,7 @@ import torch
 from moe_understudy.errors import UserError
 from moe_understudy.eval.metrics import (
     kl_per_token,
+    mean_paired_ppl_delta,
     next_token_view,
     paired_ppl_delta,
     paired_ppl_delta_interval,
@@ -107,6 +108,25 @@ def test_paired_interval_holds_the_point_estimate_and_narrows_with_more_batches(
     _, (wide_low, wide_high) = interval(4)
     _, (narrow_low, narrow_high) = interval(256)
     assert narrow_high - narrow_low < (wide_high - wide_low) / 3
+
+
+def test_mean_over_trainings_is_the_mean_of_their_paired_deltas_with_a_batch_interval_around_it():
+    gen = torch.Generator().manual_seed(2)
+    reference = 1000.0 + 50 * torch.randn(32, generator=gen, dtype=torch.float64)
+    counts = torch.full((32,), 1000.0, dtype=torch.float64)
+    gaps = torch.stack(
+        [g + 2.0 * torch.randn(32, generator=gen, dtype=torch.float64) for g in (2.0, 6.0, 10.0)]
+    )
+    nll = reference + gaps  # three trainings, 2 / 6 / 10 nats worse per batch on average
+    point, (low, high) = mean_paired_ppl_delta(nll, reference, counts)
+    each = [paired_ppl_delta(n, reference, counts) for n in nll]
+    assert point == pytest.approx(sum(each) / 3)
+    assert low < point < high and low > min(each) and high < max(each)  # the trainings spread wider
+    one_point, one_interval = mean_paired_ppl_delta(nll[1:2], reference, counts)
+    assert one_point == pytest.approx(each[1])
+    assert one_interval == pytest.approx(paired_ppl_delta_interval(nll[1], reference, counts), rel=0.05)
+    with pytest.raises(UserError, match="one NLL sum per training and batch"):
+        mean_paired_ppl_delta(nll[0], reference, counts)
 
 
 def test_paired_interval_refuses_mismatched_batches_in_one_sentence():

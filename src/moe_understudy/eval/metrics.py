@@ -106,3 +106,36 @@ def paired_ppl_delta_interval(
         )
     low, high = ratio_interval(nll.double() - reference_nll.double(), counts, **bootstrap)
     return 100.0 * math.expm1(low), 100.0 * math.expm1(high)
+
+
+def mean_paired_ppl_delta(
+    nll: torch.Tensor,
+    reference_nll: torch.Tensor,
+    counts: torch.Tensor,
+    level: float = 0.95,
+    reps: int = 2000,
+    seed: int = 0,
+) -> tuple[float, tuple[float, float]]:
+    """Mean over S trainings of one recipe of each one's perplexity change in % against the
+    reference, and its interval over held-out batches.
+
+    nll (S, B): each training's summed NLL per batch; reference_nll (B,) or (S, B); counts (B,).
+    The batches are resampled once for all S trainings together, so the interval is the spread of
+    the mean between held-out samples; how far the trainings differ from each other is the spread
+    of their own points, which the caller reports beside it.
+    """
+    if nll.dim() != 2 or nll.shape[1:] != counts.shape or reference_nll.shape[-1] != counts.shape[0]:
+        from moe_understudy.errors import UserError
+
+        raise UserError(
+            f"A mean over trainings needs one NLL sum per training and batch, (S, B), against (B,) "
+            f"counts, got shapes {tuple(nll.shape)}, {tuple(reference_nll.shape)} and {tuple(counts.shape)}."
+        )
+    gaps, counts = nll.double() - reference_nll.double(), counts.double()
+    point = float(torch.expm1(gaps.sum(1) / counts.sum()).mean())
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randint(counts.numel(), (reps, counts.numel()), generator=generator)
+    means = torch.expm1(gaps[:, pick].sum(-1) / counts[pick].sum(-1)).mean(0)  # (reps,)
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return 100.0 * point, (100.0 * float(low), 100.0 * float(high))
