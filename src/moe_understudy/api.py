@@ -131,7 +131,7 @@ def distill(
 
     from moe_understudy.config import DistillConfig
     from moe_understudy.moe.adapters import find_moe_layers
-    from moe_understudy.understudy.distill import _layerwise
+    from moe_understudy.understudy.distill import fit_layers
 
     store = store if isinstance(store, CaptureStore) else CaptureStore(store)
     store.check_model(find_moe_layers(model))
@@ -143,7 +143,7 @@ def distill(
     console = Console(stderr=True, quiet=not progress)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(out) if out is not None else Path(scratch)
-        understudies, _ = _layerwise(cfg, model, store, folder, console)
+        understudies, _ = fit_layers(cfg, model, store, folder, console)
         for module in understudies.values():
             module.to(device=device, dtype=torch.float32)
         if out is not None:

@@ -127,7 +127,7 @@ def _check_out_dir(cfg: DistillConfig, out: Path, resume: bool) -> None:
         )
 
 
-def _layerwise(
+def fit_layers(
     cfg: DistillConfig, model: nn.Module, store: CaptureStore, out: Path, console: Console
 ) -> tuple[dict[int, nn.Module], dict[int, dict]]:
     """Fit (or reload, when its marker exists) one understudy per MoE layer."""
@@ -205,7 +205,7 @@ def run_distill(cfg: DistillConfig, resume: bool = False, console: Console | Non
     cfg.to_yaml(out / "distill.yaml")
     torch.manual_seed(cfg.seed)
 
-    understudies, metrics = _layerwise(cfg, model, store, out, console)
+    understudies, metrics = fit_layers(cfg, model, store, out, console)
     device = next(model.parameters()).device
     for module in understudies.values():  # fp32 master weights beside a model of any dtype
         module.to(device=device, dtype=torch.float32)
