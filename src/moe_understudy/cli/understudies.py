@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -136,7 +135,7 @@ def distill(
     e2e = EndToEndConfig(data=model_data(model, notice=ctx.params["data"] is None))
     cfg = DISTILL.configure(ctx.params, start=DistillConfig(e2e=e2e))
     if ctx.params["seed"] is not None:  # one seed retrains the whole run, the end-to-end draws included
-        cfg = dataclasses.replace(cfg, e2e=dataclasses.replace(cfg.e2e, seed=cfg.seed))
+        cfg = cfg.replace(e2e=cfg.e2e.replace(seed=cfg.seed))
     result = run_distill(cfg, resume=resume, console=console)  # writes OUT/distill.yaml
     console.print(f"[bold green]understudies saved to {result.out_dir}[/] (report.json holds the figures)")
 

@@ -71,11 +71,21 @@ def ratio_interval(
             f"An interval needs one sum and one count per unit (batch or sequence), got shapes "
             f"{tuple(numerators.shape)} and {tuple(denominators.shape)}."
         )
-    generator = torch.Generator().manual_seed(seed)
-    pick = torch.randint(numerators.numel(), (reps, numerators.numel()), generator=generator)
+    pick = bootstrap_picks(numerators.numel(), reps, seed)
     ratio = numerators.double()[pick].sum(1) / denominators.double()[pick].sum(1)
+    return central_interval(ratio, level)
+
+
+def bootstrap_picks(units: int, reps: int, seed: int) -> torch.Tensor:
+    """(reps, units) indices of `reps` resamples of `units` units with replacement; seeded, so every
+    interval drawn with one seed resamples the same batches."""
+    return torch.randint(units, (reps, units), generator=torch.Generator().manual_seed(seed))
+
+
+def central_interval(values: torch.Tensor, level: float) -> tuple[float, float]:
+    """The central `level` percentile interval of bootstrap `values` (float64)."""
     tail = (1.0 - level) / 2
-    low, high = torch.quantile(ratio, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    low, high = torch.quantile(values, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
     return float(low), float(high)
 
 
@@ -133,9 +143,7 @@ def mean_paired_ppl_delta(
         )
     gaps, counts = nll.double() - reference_nll.double(), counts.double()
     point = float(torch.expm1(gaps.sum(1) / counts.sum()).mean())
-    generator = torch.Generator().manual_seed(seed)
-    pick = torch.randint(counts.numel(), (reps, counts.numel()), generator=generator)
+    pick = bootstrap_picks(counts.numel(), reps, seed)
     means = torch.expm1(gaps[:, pick].sum(-1) / counts[pick].sum(-1)).mean(0)  # (reps,)
-    tail = (1.0 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
-    return 100.0 * point, (100.0 * float(low), 100.0 * float(high))
+    low, high = central_interval(means, level)
+    return 100.0 * point, (100.0 * low, 100.0 * high)
