@@ -21,6 +21,7 @@ processes affects all of them alike (the machine is shared; ratios are the meani
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -39,6 +40,7 @@ from moe_understudy.runtime.layer import patch, unpatch  # noqa: E402
 from moe_understudy.runtime.ledger import LoadRecorder  # noqa: E402
 from moe_understudy.runtime.policies import expert_capacity, plan_routing  # noqa: E402
 from moe_understudy.understudy.modules import build_understudy, cost_ratio  # noqa: E402
+from moe_understudy.understudy.quantize import quantize_  # noqa: E402
 
 NAME = "runtime_overhead"
 
@@ -63,6 +65,11 @@ def parse_args():
         type=int,
         default=None,
         help="time the trunks at this width (default: the widest within half an expert per lone assignment)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="part 3 also times the no-FiLM trunk stored in int8 (`understudy quantize`), dequantized per call",
     )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=NAME)
@@ -172,7 +179,13 @@ def layer_parts(model, blocks, reps: int, intermediates: list[int]) -> list[dict
 
 @torch.no_grad()
 def assignment_parts(
-    model, blocks, reps: int, shadow_width: int, adapter_rank: int = 0, trunk_width: int | None = None
+    model,
+    blocks,
+    reps: int,
+    shadow_width: int,
+    adapter_rank: int = 0,
+    trunk_width: int | None = None,
+    int8: bool = False,
 ) -> list[dict]:
     """Per layer: the assignment-level stand-in path per served assignment vs the experts per assignment."""
     layers = find_moe_layers(model)
@@ -215,6 +228,8 @@ def assignment_parts(
                 "shadows", moe, seed=0, width=shadow_width, init="random"
             ).eval(),
         }
+        if int8:
+            stand_ins["trunk no-FiLM int8"] = quantize_(copy.deepcopy(stand_ins["trunk no-FiLM"]))
         fns = {"experts": lambda x=x, r=r, moe=moe: moe.experts(x, r.indices, r.weights)}
         for name, s in stand_ins.items():
             fns[name] = lambda s=s, x=x, plan=plan, E=moe.num_experts: stand_in_output(x, plan, s, E)
@@ -288,7 +303,7 @@ def main() -> None:
         )
     console.print(t2)
     assigned = assignment_parts(
-        model, blocks, args.reps, args.shadow_width, args.adapter_rank, args.trunk_width
+        model, blocks, args.reps, args.shadow_width, args.adapter_rank, args.trunk_width, args.int8
     )
     t3 = Table(
         title="per MoE layer and served assignment: assignment-level stand-in vs routed experts (cf 1.0, score)"

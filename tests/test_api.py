@@ -39,6 +39,7 @@ def test_the_package_exports_the_api_with_docstrings():
         "capture",
         "distill",
         "evaluate",
+        "quantize",
     ):
         fn = getattr(mu, name)
         assert callable(fn) and fn.__doc__ and len(fn.__doc__.split()) > 10, name
@@ -183,3 +184,11 @@ def test_api_errors_are_one_sentence(tiny, tmp_path):
         mu.capture(tiny, ["some text"], tmp_path / "s")
     with pytest.raises(UserError, match="policy must be one of"):
         mu.evaluate(tiny, None, torch.zeros(4, 8, dtype=torch.long), policies=["teleport"])
+
+
+def test_quantize_stores_a_trunk_set_in_int8_in_place_and_refuses_other_archs(tiny):
+    trunks = {m.index: build_understudy("trunk", m, seed=0, init="random") for m in find_moe_layers(tiny)}
+    assert mu.quantize(trunks) is trunks
+    assert all(t.gate_up.dtype == torch.int8 for t in trunks.values())
+    with pytest.raises(mu.UserError, match="trunk"):
+        mu.quantize(_dense(tiny))

@@ -28,6 +28,7 @@ __all__ = [
     "evaluate",
     "load_understudies",
     "patch",
+    "quantize",
     "save_understudies",
     "unpatch",
 ]

@@ -3,6 +3,7 @@
     model = AutoModelForCausalLM.from_pretrained(...)            # any supported MoE, any dtype/device
     store = mu.capture(model, blocks, out="store")                  # MoE-layer activity on your text
     understudies = mu.distill(model, store, arch="dense")           # one stand-in per MoE layer
+    mu.quantize(understudies)                                       # trunk stand-ins in int8 (optional)
     mu.save_understudies("understudies", understudies, model)       # a self-describing folder
     understudies = mu.load_understudies("understudies", model)      # by path or hub id; checked
     with mu.patch(model, understudies, policy="understudy", capacity_factor=1.0):
@@ -210,3 +211,14 @@ def evaluate(
         )
     finally:
         model.train(was_training)
+
+
+def quantize(understudies: dict[int, nn.Module]) -> dict[int, nn.Module]:
+    """Store each stand-in of the set in int8, one scale per output row (in place), and return the set:
+    half the memory against experts held at 16 bits, the same FLOPs. Only `arch="trunk"` stand-ins
+    have int8 storage; any other is a UserError. See understudy/quantize.py."""
+    from moe_understudy.understudy.quantize import quantize_
+
+    for module in understudies.values():
+        quantize_(module)
+    return understudies

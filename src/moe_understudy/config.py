@@ -498,6 +498,15 @@ class ReplaceEvalConfig(StageConfig):
             raise ValueError(f"blocks must be positive, got {self.blocks}.")
 
 
+@dataclass(frozen=True)
+class QuantizeConfig(StageConfig):
+    """Weight-only int8 storage of saved stand-ins (`understudy quantize`)."""
+
+    model: str = "runs/teacher"  # the model the stand-ins were distilled for
+    understudies: str = "runs/understudies"  # folder (or hub id) written by `understudy distill`
+    out: str = "runs/understudies-int8"  # new folder for the int8 stand-ins (the float ones are kept)
+
+
 # ---- runtime ----
 CAPACITY_SCOPES = ("expert", "rank")
 

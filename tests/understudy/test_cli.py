@@ -131,3 +131,24 @@ def test_distill_seed_reseeds_the_end_to_end_draws_too(saved_model, tmp_path):
     seeded_cfg = DistillConfig.from_yaml(tmp_path / "seeded" / "distill.yaml")
     assert (seeded_cfg.seed, seeded_cfg.e2e.seed) == (3, 3)
     assert DistillConfig.from_yaml(tmp_path / "default" / "distill.yaml").e2e.seed == 0
+
+
+def test_quantize_stores_a_distilled_trunk_in_int8_beside_the_float_one(saved_model, tmp_path):
+    from moe_understudy.moe.loading import load_model_and_tokenizer
+    from moe_understudy.understudy.io import load_understudies
+
+    root = saved_model
+    data = ["--data", root / "corpus.txt", "--block-size", "32"]
+    store, trunk, int8 = tmp_path / "store", tmp_path / "trunk", tmp_path / "trunk-int8"
+    run("capture", root / "model", "--out", store, "--tokens", "512", "--val-tokens", "128", *data)
+    run("distill", root / "model", "--store", store, "--out", trunk, "--arch", "trunk", "--steps", "5", *data)
+    refused = run("quantize", root / "model", "--understudies", trunk, "--out", trunk)
+    assert refused.exit_code == 2 and "new folder" in refused.output
+    result = run("quantize", root / "model", "--understudies", trunk, "--out", int8)
+    assert result.exit_code == 0, result.output
+    model, _ = load_model_and_tokenizer(root / "model")
+    floats, ints = load_understudies(trunk, model), load_understudies(int8, model)
+    for i, q in ints.items():
+        assert q.gate_up.dtype == torch.int8 and floats[i].gate_up.dtype == torch.float32
+        expert = 3 * 32 * 32  # the tiny preset's SwiGLU expert: hidden 32, intermediate 32
+        assert q.memory_expert_equiv(expert) < 0.6 * floats[i].memory_expert_equiv(expert)

@@ -122,6 +122,16 @@ def test_without_shifts_a_tokens_assignments_cost_one_pass_and_one_mix_of_the_sc
     assert trunk.flops_per_assignment() == per_token
 
 
+def test_when_most_rows_are_served_the_pass_of_every_row_is_charged(tiny_layer):
+    # from 80% of the rows served the forward runs the trunk on every row, so all rows are charged
+    trunk = build_understudy("trunk", tiny_layer, seed=0, film=False, usage=torch.ones(E))
+    per_token = trunk.flops_per_assignment()
+    four_of_five = torch.tensor([[True, False]] * 4 + [[False, False]])
+    assert trunk.token_flops(four_of_five).tolist() == [per_token] * 5
+    three_of_five = torch.tensor([[True, False]] * 3 + [[False, False]] * 2)
+    assert trunk.token_flops(three_of_five).tolist() == [per_token] * 3 + [0.0, 0.0]
+
+
 def test_the_sum_over_a_tokens_assignments_is_the_sum_of_single_assignments(tiny_layer, routed_rows):
     trunk = build_understudy("trunk", tiny_layer, seed=0, init="random")
     with torch.no_grad():

@@ -10,10 +10,12 @@ always computed). The level says what it replaces:
   only the overflowing assignments are replaced. Per-expert shadows are one form; a shared,
   expert-conditioned network is another.
 
-Both report `param_count`, `memory_expert_equiv` (parameters in units of one routed expert of the
-layer: what every device holds per MoE layer beyond its own experts) and their FLOPs, so every
-comparison can state memory and compute beside quality. The runtime dispatches on the level, never
-on attribute guesses.
+Both report `param_count`, `memory_expert_equiv` (stored size in units of one routed expert of the
+layer held at 16 bits per weight: what every device holds per MoE layer beyond its own experts) and
+their FLOPs, so every comparison can state memory and compute beside quality. A float stand-in's
+memory is its parameter count over the expert's; weights stored in int8 (`understudy quantize`)
+count half, their per-row scales one each. The runtime dispatches on the level, never on attribute
+guesses.
 """
 
 from __future__ import annotations
@@ -32,17 +34,42 @@ class StandIn(nn.Module):
 
     level: ClassVar[str] = "?"
     arch: str = "?"
+    # Weights whose every read goes through `weight(name)`, so they may be stored in int8.
+    QUANTIZABLE: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.hidden_size = hidden_size
+        self.quantized: tuple[str, ...] = ()  # the weights held in int8 (understudy/quantize.py)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The weight `name` as the forward uses it: the parameter, or its int8 rows times their scales."""
+        stored = getattr(self, name)
+        if stored is None or stored.dtype != torch.int8:
+            return stored
+        scale = getattr(self, f"{name}_scale")
+        return stored.to(scale.dtype) * scale
+
+    def _int8_weights(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.quantized]
 
     def param_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Weights held, float or int8 (an int8 weight's scales are not counted)."""
+        return sum(p.numel() for p in self.parameters()) + sum(q.numel() for q in self._int8_weights())
+
+    def storage_units(self) -> float:
+        """Stored size in 16-bit values: one per float parameter, half per int8 weight, one per scale."""
+        scales = sum(getattr(self, f"{name}_scale").numel() for name in self.quantized)
+        return (
+            sum(p.numel() for p in self.parameters())
+            + 0.5 * sum(q.numel() for q in self._int8_weights())
+            + scales
+        )
 
     def memory_expert_equiv(self, expert_params: int) -> float:
-        """Parameters in units of one routed expert of `expert_params` parameters (3 H I for SwiGLU)."""
-        return self.param_count() / expert_params
+        """Stored size in units of one routed expert of `expert_params` weights (3 H I for SwiGLU) held at
+        16 bits each; for a float stand-in, its parameters over the expert's."""
+        return self.storage_units() / expert_params
 
     def config(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this module's shapes."""

@@ -170,6 +170,7 @@ class GatedTrunk(AssignmentStandIn):
     """
 
     arch = "trunk"
+    QUANTIZABLE = ("gate_up", "down", "scale", "shift", "adapter_in", "adapter_out")
 
     def __init__(
         self,
@@ -238,16 +239,16 @@ class GatedTrunk(AssignmentStandIn):
         order, ends = expert_order(experts, self.num_experts)
         E, r, H = self.num_experts, self.adapter_rank, self.hidden_size
         low = grouped_linear(
-            x.index_select(0, rows.index_select(0, order)), self.adapter_in.view(E, r, H), ends
+            x.index_select(0, rows.index_select(0, order)), self.weight("adapter_in").view(E, r, H), ends
         )
-        return grouped_linear(low, self.adapter_out.view(E, r, H).transpose(1, 2), ends), order
+        return grouped_linear(low, self.weight("adapter_out").view(E, r, H).transpose(1, 2), ends), order
 
     def _expert_adapter(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """x (n, H) -> (n, H): B_e A_e x (zeros for an expert of rank 0)."""
         a, b = self._adapter_start[e], self._adapter_start[e + 1]
         if a == b:
             return torch.zeros_like(x)
-        return F.linear(x, self.adapter_in[a:b]) @ self.adapter_out[a:b]
+        return F.linear(x, self.weight("adapter_in")[a:b]) @ self.weight("adapter_out")[a:b]
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """x (T, H), indices/weights (T, k) -> (T, H) weighted sum over assignments; index E is skipped.
@@ -273,7 +274,7 @@ class GatedTrunk(AssignmentStandIn):
         if num_rows == 0:
             return torch.zeros_like(x)
         rows = None if num_rows >= _EVERY_ROW_FROM * x.shape[0] else served_row.nonzero().squeeze(1)
-        gu = F.linear(x if rows is None else x.index_select(0, rows), self.gate_up)  # (R, 2w): g then u
+        gu = F.linear(x if rows is None else x.index_select(0, rows), self.weight("gate_up"))  # (R, 2w): g, u
         if self.shift is None:
             # Nothing depends on the pair but its weight and expert: no pair list for the trunk.
             on_rows = (
@@ -281,7 +282,7 @@ class GatedTrunk(AssignmentStandIn):
                 if rows is None
                 else (indices.index_select(0, rows), weights.index_select(0, rows))
             )
-            served = F.linear(self._unshifted_hidden(gu, *on_rows), self.down)
+            served = F.linear(self._unshifted_hidden(gu, *on_rows), self.weight("down"))
         if self.shift is not None or self.adapter_rank:
             tokens, slots = valid.nonzero().unbind(1)  # (P,) each, tokens ascending
             # each pair's row of gu: its token, or the token's place among the served rows
@@ -292,7 +293,7 @@ class GatedTrunk(AssignmentStandIn):
             if self.shift is not None:
                 one_per_row = rows is not None and rows.shape[0] == tokens.shape[0]
                 hidden = self._shifted_hidden(gu, row_of_pair, experts, weight, one_per_row)
-                served = F.linear(hidden, self.down)
+                served = F.linear(hidden, self.weight("down"))
             if self.adapter_rank:
                 y, order = self._adapted_by_expert(x, tokens, experts)  # y in expert order
                 served.index_add_(
@@ -313,7 +314,7 @@ class GatedTrunk(AssignmentStandIn):
         """
         W, E = self.width, self.num_experts
         mix = gu.new_zeros(gu.shape[0], E + 1).scatter_add_(1, indices, weights.to(gu.dtype))
-        return F.silu(gu[:, :W].contiguous()).mul_(gu[:, W:]).mul_(mix[:, :E] @ self.scale)
+        return F.silu(gu[:, :W].contiguous()).mul_(gu[:, W:]).mul_(mix[:, :E] @ self.weight("scale"))
 
     def _shifted_hidden(
         self,
@@ -328,11 +329,11 @@ class GatedTrunk(AssignmentStandIn):
         if not one_per_row:
             gu = gu.index_select(0, row_of_pair)  # (P, 2w)
         g, u = gu[:, :W], gu[:, W:]  # (P, w) each, rows 2w apart
-        shift = F.embedding(experts, self.shift.view(E, 2 * W))  # (P, 2w): c_e, d_e
+        shift = F.embedding(experts, self.weight("shift").view(E, 2 * W))  # (P, 2w): c_e, d_e
         # g + c_e out of place, so that silu reads a contiguous g: on the strided half of gu it
         # loops row by row (each row's tail outside the vector loop) and took 2x the time
         g, u = torch.add(g, shift[:, :W]), u.add_(shift[:, W:])
-        scaled = F.embedding(experts, self.scale).mul_(weight)  # (P, w): w s_e
+        scaled = F.embedding(experts, self.weight("scale")).mul_(weight)  # (P, w): w s_e
         h = F.silu(g).mul_(u).mul_(scaled)  # (P, w)
         if one_per_row:
             return h
@@ -341,16 +342,16 @@ class GatedTrunk(AssignmentStandIn):
     def _hidden(self, g: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """g, u (R, w), idx (R, n) -> (R, n, w): each expert's conditioned hidden units."""
         if self.shift is not None:
-            shift = self.shift[idx]  # (R, n, 2, w)
+            shift = self.weight("shift")[idx]  # (R, n, 2, w)
             h = F.silu(g[:, None] + shift[:, :, 0]) * (u[:, None] + shift[:, :, 1])
         else:
             h = (F.silu(g) * u)[:, None]
-        return h * self.scale[idx]
+        return h * self.weight("scale")[idx]
 
     def pair_outputs(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x (N, H), indices (N, n) -> (N, n, H): one trunk pass per token, one down projection per pair."""
-        g, u = F.linear(x, self.gate_up).chunk(2, dim=-1)
-        out = F.linear(self._hidden(g, u, indices), self.down)
+        g, u = F.linear(x, self.weight("gate_up")).chunk(2, dim=-1)
+        out = F.linear(self._hidden(g, u, indices), self.weight("down"))
         if self.adapter_rank:
             N, n = indices.shape
             rows = torch.arange(N, device=x.device).repeat_interleave(n)
@@ -386,12 +387,16 @@ class GatedTrunk(AssignmentStandIn):
 
     def token_flops(self, served: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """(T,) one trunk pass per token with any served assignment, plus the per-assignment work
-        (each pair at its expert's adapter rank given `indices` (T, k), else at the largest)."""
+        (each pair at its expert's adapter rank given `indices` (T, k), else at the largest). When the
+        forward runs the trunk on every row (most rows served), every row's pass is charged."""
         if indices is None:
             pair = torch.full(served.shape, float(self._pair_flops(self.adapter_rank)), dtype=torch.float64)
         else:
             pair = self._pair_flops(self._rank_of[indices.clamp(0, self.num_experts)])
-        trunk = served.any(-1).double() * self._row_flops()
+        rows = served.any(-1)
+        if int(rows.sum()) >= _EVERY_ROW_FROM * rows.shape[0]:
+            rows = torch.ones_like(rows)  # the rows without a served pair ran the trunk too
+        trunk = rows.double() * self._row_flops()
         return trunk + (pair * served).sum(-1)
 
     def config(self) -> dict[str, Any]:

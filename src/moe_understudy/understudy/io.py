@@ -4,8 +4,9 @@ Folder layout (`save_pretrained` style), loadable by path or by hub id:
   config.json                  format; what the set was made for: the model id, its family and
                                model_type, hidden size, number of decoder layers, MoE layer indices,
                                num_experts and top_k; the archs and dtype of the weights; per
-                               layer the arch and the kwargs that rebuild its shapes ("layers")
-                               and its parameters and cost ("sizes")
+                               layer the arch and the kwargs that rebuild its shapes ("layers";
+                               "int8" names the weights stored in int8) and its parameters and
+                               cost ("sizes")
   understudies.safetensors     weights, keys "layer{L}.{parameter}"
   README.md                    a short model card: what it is, what it fits, how to load it
 Files are written under temporary names and moved into place, weights first, config after, card
@@ -77,6 +78,8 @@ def save_understudies(out_dir: str | Path, understudies: dict[int, nn.Module], m
             )
         cost = module.flops_per_token() / moe[index].active_expert_flops_per_token()
         per_layer[str(index)] = {"arch": module.arch, "config": module.config()}
+        if module.quantized:  # int8 storage: load re-applies the layout before reading the weights
+            per_layer[str(index)]["int8"] = list(module.quantized)
         sizes[str(index)] = {"params": module.param_count(), "cost": round(cost, 4)}
         for name, t in module.state_dict().items():
             tensors[f"layer{index}.{name}"] = t
@@ -236,6 +239,10 @@ def load_understudies(
     out: dict[int, nn.Module] = {}
     for key, spec in config["layers"].items():
         module = from_config(spec["arch"], spec["config"])
+        if spec.get("int8"):
+            from moe_understudy.understudy.quantize import quantize_
+
+            quantize_(module)
         prefix = f"layer{key}."
         try:
             module.load_state_dict(
