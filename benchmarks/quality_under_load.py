@@ -238,7 +238,8 @@ PPL_TARGETS = ((1.0, 1.0, "cf1_within_1pct"), (2.0, 0.1, "cf2_within_0.1pct"))
 
 def check_targets(rows: list[dict], capacities: list[float]) -> dict:
     """Issue targets for assignment-level sets at memory <= 1 (score priority): below drop and
-    expanded_drop at every cf; <= +1% at cf 1.0; <= +0.1% at cf 2.0."""
+    expanded_drop at every cf; <= +1% at cf 1.0; <= +0.1% at cf 2.0; FLOPs per served assignment at
+    most half an expert's at every cf (a trunk pass shared by fewer pairs costs more per pair)."""
 
     def row(policy: str, cf: float, set_name=None) -> dict | None:
         got = [
@@ -275,10 +276,16 @@ def check_targets(rows: list[dict], capacities: list[float]) -> dict:
                 res[f"cf{cf:g}_delta_ci95"] = mine_row["ppl_delta_ci95"]
                 res[key] = verdict(mine_row["ppl_delta_pct"], mine_row["ppl_delta_ci95"], target)
                 readings.append(f"cf {cf:g} {with_interval(mine_row)} (<= +{target:g}%: {res[key]})")
+            cost = {cf: row(policy, cf, set_name)["stand_in_cost_per_served"] for cf in capacities}
+            worst = max(cost, key=lambda cf: cost[cf] or 0.0)
+            res["flops_per_served_by_cf"] = {f"{cf:g}": c for cf, c in cost.items()}
+            res["flops_per_served_within_half"] = all(c is not None and c <= 0.5 for c in cost.values())
             out["sets"][f"{policy} [{set_name}]"] = res
             out["summary"].append(
                 f"{policy} [{set_name}] (memory {memory:.2f}): below drop and expanded_drop at every cf: "
-                f"{'yes' if below else 'no'}; " + "; ".join(readings)
+                f"{'yes' if below else 'no'}; " + "; ".join(readings) + "; FLOPs per served <= 0.5 expert at "
+                f"every cf: {'yes' if res['flops_per_served_within_half'] else 'no'} (most {cost[worst]:.2f} at "
+                f"cf {worst:g})"
             )
     return out
 

@@ -134,6 +134,7 @@ def test_distill_seed_reseeds_the_end_to_end_draws_too(saved_model, tmp_path):
 
 
 def test_quantize_stores_a_distilled_trunk_in_int8_beside_the_float_one(saved_model, tmp_path):
+    from moe_understudy.config import QuantizeConfig
     from moe_understudy.moe.loading import load_model_and_tokenizer
     from moe_understudy.understudy.io import load_understudies
 
@@ -146,6 +147,8 @@ def test_quantize_stores_a_distilled_trunk_in_int8_beside_the_float_one(saved_mo
     assert refused.exit_code == 2 and "new folder" in refused.output
     result = run("quantize", root / "model", "--understudies", trunk, "--out", int8)
     assert result.exit_code == 0, result.output
+    replay = QuantizeConfig.from_yaml(int8 / "quantize.yaml")  # the run's YAML round-trips its options
+    assert (replay.understudies, replay.out) == (str(trunk), str(int8))
     model, _ = load_model_and_tokenizer(root / "model")
     floats, ints = load_understudies(trunk, model), load_understudies(int8, model)
     for i, q in ints.items():
