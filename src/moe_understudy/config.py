@@ -419,6 +419,9 @@ class DistillConfig(StageConfig):
     kind: str = "swiglu"  # shadows: swiglu | lowrank
     film: bool = True  # trunk: per-expert shifts of the hidden units beside the per-expert scales
     adapter_rank: int = 0  # trunk: rank of a per-expert low-rank linear correction B_e A_e x (0: none)
+    # trunk without FiLM or adapters: a row with n served pairs runs min(width, n x this) hidden units,
+    # so a served pair costs at most this many units at every cf (0: the whole width always)
+    width_per_pair: int = 0
     # trunk: uniform (every expert adapter_rank) | overflow (E x adapter_rank ranks shared out by each
     # expert's overflow mass in the store: score priority at focus_cfs, or 1-2 without them)
     adapter_allocation: str = "uniform"
@@ -458,6 +461,8 @@ class DistillConfig(StageConfig):
         _canonical_dtypes(self, "dtype")
         if self.objective not in ("auto", "combined"):
             raise ValueError(f"objective must be auto or combined, got {self.objective!r}.")
+        if self.width_per_pair < 0:
+            raise ValueError(f"width_per_pair must be >= 0, got {self.width_per_pair}.")
         if self.extra_experts < 0 or self.adapter_rank < 0:
             raise ValueError(
                 f"extra_experts and adapter_rank must be >= 0, got {self.extra_experts} and {self.adapter_rank}."

@@ -69,6 +69,9 @@ DISTILL = Stage(
         "film": "trunk: per-expert shifts of the hidden units beside the scales; --no-film serves a token's "
         "assignments with one mix of the scales instead, about 30% faster, slightly worse at cf 1.",
         "adapter_rank": "trunk: rank r of a per-expert low-rank correction B_e A_e x (2 H E r parameters; 0: none).",
+        "width_per_pair": "trunk without FiLM or adapters: a row with n served pairs runs only the first "
+        "min(width, n x this) hidden units, so a served pair costs at most this many at every cf; the prefixes "
+        "are fitted together (0: every row runs the whole width).",
         "adapter_allocation": "trunk adapters: uniform (every expert rank r) or overflow (the same E x r ranks "
         "shared out by each expert's overflow mass in the store, under score priority at --focus-cfs or 1-2).",
         "adapter_max_rank": "overflow allocation: the largest rank an expert gets (default 2 r); the trunk's "

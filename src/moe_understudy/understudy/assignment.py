@@ -16,6 +16,7 @@ from torch import nn
 from moe_understudy.errors import UserError
 from moe_understudy.moe.standins import AssignmentStandIn
 from moe_understudy.understudy.functional import init_linear
+from moe_understudy.understudy.ladder import ladder_forward, prefix_pair_outputs, row_widths, rungs
 
 
 def _grouped_mm_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -180,6 +181,7 @@ class GatedTrunk(AssignmentStandIn):
         width: int,
         film: bool = True,
         adapter_rank: int | Sequence[int] = 0,
+        width_per_pair: int = 0,
     ) -> None:
         super().__init__(hidden_size)
         ranks = (
@@ -190,7 +192,13 @@ class GatedTrunk(AssignmentStandIn):
                 f"The trunk needs a positive width and a non-negative adapter rank (or one per expert, "
                 f"{num_experts} of them), got {width} and {adapter_rank}."
             )
+        if width_per_pair < 0 or (width_per_pair and (film or max(ranks) > 0)):
+            raise UserError(
+                f"A width ladder (width_per_pair {width_per_pair}) needs a non-negative value and the trunk "
+                "without FiLM shifts or adapters; pass --no-film and --adapter-rank 0, or --width-per-pair 0."
+            )
         self.num_experts, self.top_k, self.width, self.film = num_experts, top_k, width, film
+        self.width_per_pair = min(width_per_pair, width)  # 0: every row runs the whole width (ladder.py)
         self.adapter_ranks = ranks
         self.adapter_rank = max(ranks)  # what a lone served assignment costs at the most
         self._adapter_start = [0, *itertools.accumulate(ranks)]
@@ -267,6 +275,8 @@ class GatedTrunk(AssignmentStandIn):
         served pair), and serving each row's first pair in place while gathering only the others
         (more small ops than it saved).
         """
+        if self.width_per_pair:
+            return ladder_forward(self, x, indices, weights)
         k, E = indices.shape[1], self.num_experts
         valid = indices < E
         served_row = valid.any(1)
@@ -349,7 +359,13 @@ class GatedTrunk(AssignmentStandIn):
         return h * self.weight("scale")[idx]
 
     def pair_outputs(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x (N, H), indices (N, n) -> (N, n, H): one trunk pass per token, one down projection per pair."""
+        """x (N, H), indices (N, n) -> (N, n, H): one trunk pass per token, one down projection per pair.
+        With a width ladder, a training step fits one rung drawn at random; otherwise the whole width."""
+        if self.width_per_pair:
+            ladder = rungs(self.width, self.width_per_pair)
+            fit_one = self.training and torch.is_grad_enabled()
+            w = ladder[int(torch.randint(len(ladder), ()))] if fit_one else self.width
+            return prefix_pair_outputs(self, x, indices, w)
         g, u = F.linear(x, self.weight("gate_up")).chunk(2, dim=-1)
         out = F.linear(self._hidden(g, u, indices), self.weight("down"))
         if self.adapter_rank:
@@ -382,13 +398,18 @@ class GatedTrunk(AssignmentStandIn):
         return pair * self.width + 4 * self.hidden_size * rank
 
     def flops_per_assignment(self) -> float:
-        """A lone served assignment of the expert with the largest adapter."""
+        """A lone served assignment of the expert with the largest adapter (on the ladder's first rung)."""
+        if self.width_per_pair:
+            return float(self.token_flops(torch.tensor([[True]]))[0])
         return self._row_flops() + self._pair_flops(self.adapter_rank)
 
     def token_flops(self, served: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """(T,) one trunk pass per token with any served assignment, plus the per-assignment work
         (each pair at its expert's adapter rank given `indices` (T, k), else at the largest). When the
         forward runs the trunk on every row (most rows served), every row's pass is charged."""
+        if self.width_per_pair:  # no per-pair terms: each row's pass at its rung
+            unit = self._unit_flops(self.hidden_size, self.num_experts, self.film)[0]
+            return row_widths(served, self.width, self.width_per_pair).double() * unit
         if indices is None:
             pair = torch.full(served.shape, float(self._pair_flops(self.adapter_rank)), dtype=torch.float64)
         else:
@@ -409,6 +430,7 @@ class GatedTrunk(AssignmentStandIn):
             "adapter_rank": self.adapter_rank
             if len(set(self.adapter_ranks)) == 1
             else list(self.adapter_ranks),
+            "width_per_pair": self.width_per_pair,
         }
 
 

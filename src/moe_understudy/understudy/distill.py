@@ -66,6 +66,7 @@ def arch_kwargs(cfg: DistillConfig, store: CaptureStore, layer: MoELayer) -> dic
             "width": cfg.width,
             "film": cfg.film,
             "adapter_rank": adapter_ranks(cfg, store, layer),
+            "width_per_pair": cfg.width_per_pair,
             "init": cfg.init,
             "usage": store.usage(layer.index),
         }

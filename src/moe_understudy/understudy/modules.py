@@ -201,6 +201,7 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
     shadows:   kind "swiglu" | "lowrank", width (default I // 4), init "teacher" | "random"
     trunk:     width (default the widest with at most half an expert's FLOPs for a lone served assignment,
                about I // 2), film (default True), adapter_rank (default 0: none; or one per expert),
+               width_per_pair (default 0; > 0: a row runs min(width, n x this) units for n served pairs),
                init "merged" (needs usage) | "union" | "random"
     """
     if seed is not None:
@@ -249,7 +250,8 @@ def build_understudy(arch: str, layer: MoELayer, seed: int | None = None, **kw: 
         width = int(
             kw.pop("width", GatedTrunk.widest(H, E, layer.expert_flops_per_token() // 2, top_rank, film))
         )
-        module = GatedTrunk(H, E, k, width=width, film=film, adapter_rank=rank)
+        per_pair = int(kw.pop("width_per_pair", 0))
+        module = GatedTrunk(H, E, k, width=width, film=film, adapter_rank=rank, width_per_pair=per_pair)
         if init != "random":
             trunk_from_experts(module, layer, kw.pop("usage", None), init)
         return module
