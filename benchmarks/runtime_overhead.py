@@ -71,6 +71,12 @@ def parse_args():
         action="store_true",
         help="part 3 also times the no-FiLM trunk stored in int8 (`understudy quantize`), dequantized per call",
     )
+    p.add_argument(
+        "--width-per-pair",
+        type=int,
+        default=0,
+        help="part 3 also times the no-FiLM trunk on a width ladder of this many units per served pair",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=NAME)
     return p.parse_args()
@@ -186,6 +192,7 @@ def assignment_parts(
     adapter_rank: int = 0,
     trunk_width: int | None = None,
     int8: bool = False,
+    width_per_pair: int = 0,
 ) -> list[dict]:
     """Per layer: the assignment-level stand-in path per served assignment vs the experts per assignment."""
     layers = find_moe_layers(model)
@@ -228,8 +235,13 @@ def assignment_parts(
                 "shadows", moe, seed=0, width=shadow_width, init="random"
             ).eval(),
         }
+        if width_per_pair:
+            stand_ins[f"trunk no-FiLM ladder {width_per_pair}"] = build_understudy(
+                "trunk", moe, seed=0, init="random", **width, film=False, width_per_pair=width_per_pair
+            ).eval()
         if int8:
-            stand_ins["trunk no-FiLM int8"] = quantize_(copy.deepcopy(stand_ins["trunk no-FiLM"]))
+            for name in [n for n in stand_ins if n.startswith("trunk no-FiLM")]:
+                stand_ins[f"{name} int8"] = quantize_(copy.deepcopy(stand_ins[name]))
         fns = {"experts": lambda x=x, r=r, moe=moe: moe.experts(x, r.indices, r.weights)}
         for name, s in stand_ins.items():
             fns[name] = lambda s=s, x=x, plan=plan, E=moe.num_experts: stand_in_output(x, plan, s, E)
@@ -303,7 +315,14 @@ def main() -> None:
         )
     console.print(t2)
     assigned = assignment_parts(
-        model, blocks, args.reps, args.shadow_width, args.adapter_rank, args.trunk_width, args.int8
+        model,
+        blocks,
+        args.reps,
+        args.shadow_width,
+        args.adapter_rank,
+        args.trunk_width,
+        args.int8,
+        args.width_per_pair,
     )
     t3 = Table(
         title="per MoE layer and served assignment: assignment-level stand-in vs routed experts (cf 1.0, score)"
